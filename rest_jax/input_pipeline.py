@@ -1,0 +1,133 @@
+"""The data edge: SeqIO tasks -> padded numpy arrays (+ their texts), cached per task and split.
+
+This is the one place where the training code touches TensorFlow / SeqIO (imported lazily), so the
+core (model, decoding, trainer, losses) stays importable without them. A task's split is run once
+through `seqio.EncDecFeatureConverter` (no packing) and kept as numpy arrays:
+
+    encoder_input_tokens  [n, inputs_length]  int32
+    decoder_input_tokens  [n, targets_length] int32
+    decoder_target_tokens [n, targets_length] int32
+    decoder_loss_weights  [n, targets_length] float32
+
+together with the untokenized `inputs` / `targets` / `key` strings (for BLEU and for Grow records).
+Sequences longer than the feature lengths are truncated by SeqIO (EOS kept); how many were
+truncated is counted and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TaskData:
+  arrays: dict[str, np.ndarray]   # features as above.
+  inputs: list[str]               # [n] source texts.
+  targets: list[str]              # [n] reference texts.
+  keys: list[str]                 # [n] provenance of each pair.
+  num_truncated: int              # rows whose source or target was cut to the feature length.
+
+  def __len__(self):
+    return len(self.inputs)
+
+  def subset(self, n: int) -> 'TaskData':
+    """The first `n` examples (deterministic dev subsets for periodic evaluation)."""
+    return TaskData({k: v[:n] for k, v in self.arrays.items()}, self.inputs[:n], self.targets[:n],
+                    self.keys[:n], self.num_truncated)
+
+
+def get_task(task_name: str):
+  import seqio
+  import tasks  # noqa: F401  (registers the tasks)
+  return seqio.get_mixture_or_task(task_name)
+
+
+def get_vocabulary(task_name: str):
+  """The task's shared (input = target) vocabulary, a `seqio.SentencePieceVocabulary`."""
+  return get_task(task_name).output_features['targets'].vocabulary
+
+
+def detokenizer(task_name: str) -> Callable[[Sequence[int]], str]:
+  """`ids -> text` with plain sentencepiece (stops at EOS = 1, skips PAD = 0)."""
+  vocab = get_vocabulary(task_name)
+  proc = vocab.tokenizer
+
+  def detok(ids):
+    ids = [int(i) for i in ids]
+    if 1 in ids:
+      ids = ids[:ids.index(1)]
+    return proc.decode([i for i in ids if i > 1])
+
+  return detok
+
+
+def load_task_data(task_name: str, split: str, inputs_length: int, targets_length: int,
+                   max_examples: int | None = None) -> TaskData:
+  """Tokenized, padded arrays and texts of one split of a SeqIO task, in file order.
+
+  Args:
+    task_name: a registered task, e.g. 'libreoffice_help_de_en'.
+    split: 'train', 'validation' or 'test'.
+    inputs_length, targets_length: feature lengths (tokens, EOS included).
+    max_examples: keep only the first examples (None: all).
+
+  Raises:
+    tasks.readers.CorpusError: missing or malformed data (message names the file and line).
+  """
+  import seqio
+  import tensorflow_datasets as tfds
+
+  task = get_task(task_name)
+  lengths = {'inputs': inputs_length, 'targets': targets_length}
+  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False,
+                        trim_output_features=False)
+  if max_examples:
+    ds = ds.take(max_examples)
+  inputs, targets, keys, truncated = [], [], [], 0
+  for ex in tfds.as_numpy(ds):
+    inputs.append(ex['inputs_pretokenized'].decode('utf-8'))
+    targets.append(ex['targets_pretokenized'].decode('utf-8'))
+    keys.append(ex['key'].decode('utf-8'))
+    truncated += int(len(ex['inputs']) > inputs_length or len(ex['targets']) > targets_length)
+  trimmed = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
+  if max_examples:
+    trimmed = trimmed.take(max_examples)
+  converter = seqio.EncDecFeatureConverter(pack=False)
+  converted = converter(trimmed, lengths)
+  cols: dict[str, list] = {}
+  for ex in tfds.as_numpy(converted):
+    for k, v in ex.items():
+      cols.setdefault(k, []).append(v)
+  arrays = {k: np.stack(v) for k, v in cols.items()}
+  arrays['decoder_loss_weights'] = arrays['decoder_loss_weights'].astype(np.float32)
+  if truncated:
+    logging.info('%s/%s: %d of %d examples truncated to %s tokens', task_name, split, truncated,
+                 len(inputs), lengths)
+  return TaskData(arrays, inputs, targets, keys, truncated)
+
+
+def cached_task_data(task_name: str, split: str, inputs_length: int, targets_length: int,
+                     cache_dir: str | None, max_examples: int | None = None) -> TaskData:
+  """`load_task_data`, memoised as an `.npz` in `cache_dir` (None: no cache)."""
+  if not cache_dir:
+    return load_task_data(task_name, split, inputs_length, targets_length, max_examples)
+  name = f'{task_name}.{split}.{inputs_length}x{targets_length}.{max_examples or "all"}.npz'
+  path = os.path.join(cache_dir, name)
+  if os.path.exists(path):
+    z = np.load(path, allow_pickle=False)
+    arrays = {k[2:]: z[k] for k in z.files if k.startswith('a_')}
+    return TaskData(arrays, list(z['inputs']), list(z['targets']), list(z['keys']),
+                    int(z['num_truncated']))
+  data = load_task_data(task_name, split, inputs_length, targets_length, max_examples)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, inputs=np.array(data.inputs), targets=np.array(data.targets),
+                      keys=np.array(data.keys), num_truncated=data.num_truncated,
+                      **{'a_' + k: v for k, v in data.arrays.items()})
+  os.replace(tmp, path)
+  return data

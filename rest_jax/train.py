@@ -1,0 +1,230 @@
+"""`rest-jax train` and `rest-jax eval`: supervised (BC) training of the policy and its evaluation.
+
+The BC policy is where ReST starts (Gulcehre et al. 2023, sec. 2): maximum likelihood on the
+parallel corpus. Every knob is a gin binding of `train` / `evaluate` below; see
+`gin_configs/runs/train_bc.gin`.
+
+Time accounting: `max_minutes` and `eval_at_minutes` count *training* wall-clock time only
+(evaluation pauses the clock), so "BLEU after 30 minutes" means 30 minutes of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from rest_jax import data as data_lib
+from rest_jax import evaluation, input_pipeline, partitioning, trainer as trainer_lib
+
+
+def _input_shapes(batch_size, inputs_length, targets_length):
+  return {'encoder_input_tokens': (batch_size, inputs_length),
+          'decoder_input_tokens': (batch_size, targets_length)}
+
+
+def _metric_writer(model_dir):
+  from clu import metric_writers  # Lazy: clu's TensorBoard writer pulls in TensorFlow.
+  return metric_writers.create_default_writer(model_dir, asynchronous=False)
+
+
+@gin.configurable(denylist=['model_dir'])
+def train(model_dir: str,
+          model=gin.REQUIRED,
+          task: str = 'libreoffice_help_de_en',
+          batch_size: int = 64,
+          inputs_length: int = 128,
+          targets_length: int = 128,
+          num_steps: int = 100_000,
+          max_minutes: float | None = None,
+          eval_every_steps: int = 1000,
+          eval_examples: int = 400,
+          eval_at_minutes: Sequence[float] = (),
+          checkpoint_every_steps: int = 1000,
+          max_decode_len: int = 128,
+          num_microbatches: int = 1,
+          seed: int = 0,
+          init_params_dir: str | None = None,
+          train_data=None) -> dict[str, Any]:
+  """Trains `model` on `task`'s train split; resumes from `model_dir` if it holds a checkpoint.
+
+  Args:
+    model_dir: output folder (checkpoints/, best/, TensorBoard events, train_summary.json).
+    model: an `EncoderDecoderModel` (gin: `MODEL`).
+    task: SeqIO task name.
+    batch_size: global batch (sentence pairs).
+    inputs_length, targets_length: feature lengths (tokens); batches are trimmed to the longest
+      row rounded up to 16 tokens.
+    num_steps: stop after this many optimizer steps.
+    max_minutes: also stop after this much training time (minutes; None: no limit).
+    eval_every_steps: dev greedy BLEU on `eval_examples` dev pairs, keep-best checkpoint by it.
+    eval_at_minutes: training-time marks (minutes) at which the full test split is evaluated;
+      results go to `model_dir/eval_at_minutes.json`.
+    checkpoint_every_steps: latest-state checkpoint period (for resume).
+    max_decode_len: decoding length for evaluation (tokens).
+    num_microbatches: gradient accumulation factor.
+    seed: run seed (init, data order, dropout).
+    init_params_dir: start from the params of this run (fresh optimizer), e.g. a BC policy.
+    train_data: an `input_pipeline.TaskData` to train on instead of `task`'s train split (Improve).
+
+  Returns:
+    Summary dict (steps, minutes, best dev BLEU, eval-at-minutes results), also written to
+    `model_dir/train_summary.json`.
+  """
+  os.makedirs(model_dir, exist_ok=True)
+  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    f.write(gin.config_str())
+  if train_data is None:
+    train_data = input_pipeline.cached_task_data(task, 'train', inputs_length, targets_length, cache)
+  dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
+                                        max_examples=eval_examples)
+  detok = input_pipeline.detokenizer(task)
+  logging.info('train: %d pairs (%d truncated); dev subset: %d', len(train_data),
+               train_data.num_truncated, len(dev))
+
+  mesh = partitioning.create_mesh()
+  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh,
+                          num_microbatches=num_microbatches, seed=seed)
+  shapes = _input_shapes(batch_size, inputs_length, targets_length)
+  init_params = None
+  if init_params_dir:
+    init_params = trainer_lib.restore_params(init_params_dir, t.abstract_state(shapes).params)
+  state = t.init_state(shapes, params=init_params)
+  ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_bleu')
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+  start_step = int(jax.device_get(state.step))
+  summary_path = os.path.join(model_dir, 'train_summary.json')
+  summary = {'eval_at_minutes': [], 'train_seconds': 0.0}
+  if restored is not None and os.path.exists(summary_path):
+    import json
+    with open(summary_path) as f:
+      summary = json.load(f)
+    logging.info('resumed from step %d', start_step)
+
+  batcher = data_lib.ArrayBatcher(train_data.arrays, batch_size, seed=seed)
+  writer = _metric_writer(model_dir) if jax.process_index() == 0 else None
+  pending_marks = [m for m in eval_at_minutes
+                   if m not in [e['minutes'] for e in summary['eval_at_minutes']]]
+  train_seconds = summary['train_seconds']
+  bar = tqdm(total=num_steps, initial=start_step, desc='train', unit='step',
+             dynamic_ncols=True, mininterval=2.0)
+  tokens_since, clock = 0.0, time.perf_counter()
+  metrics = {}
+
+  def dev_eval(step):
+    m, _ = evaluation.evaluate_translation(model, state.params, dev, detok,
+                                           max_decode_len=max_decode_len)
+    is_best = ckpt.save_best(state, {'dev_bleu': m['bleu'], 'dev_chrf': m['chrf']})
+    logging.info('step %d dev %s%s', step, evaluation.format_metrics(m), ' (best)' * is_best)
+    if writer:
+      writer.write_scalars(step, {'dev/bleu': m['bleu'], 'dev/chrf': m['chrf']})
+    return m
+
+  step = start_step
+  while step < num_steps:
+    if max_minutes is not None and train_seconds >= max_minutes * 60:
+      break
+    batch = partitioning.shard_batch(batcher.batch_at(step), mesh)
+    state, metrics = t.train_step(state, batch)
+    step += 1
+    tokens_since += float(batch['decoder_loss_weights'].shape[0] *
+                          batch['decoder_loss_weights'].shape[1])
+    if step % 20 == 0 or step == num_steps:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      train_seconds += now - clock
+      rate = float(metrics['num_tokens']) * 20 / max(now - clock, 1e-9)
+      clock = now
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f'{rate:,.0f}',
+                      min=f'{train_seconds / 60:.1f}')
+      if writer:
+        writer.write_scalars(step, {'train/loss': metrics['loss'],
+                                    'train/accuracy': metrics.get('accuracy', np.nan),
+                                    'train/target_tokens_per_s': rate,
+                                    'train/minutes': train_seconds / 60})
+      while pending_marks and train_seconds >= pending_marks[0] * 60:
+        mark = pending_marks.pop(0)
+        summary['eval_at_minutes'].append(_test_eval(model, state.params, task, inputs_length,
+                                                     targets_length, cache, detok,
+                                                     max_decode_len, mark, step))
+      clock = time.perf_counter()
+    if step % eval_every_steps == 0:
+      dev_eval(step)
+      clock = time.perf_counter()
+    if step % checkpoint_every_steps == 0:
+      summary['train_seconds'] = train_seconds
+      ckpt.save(state)
+      trainer_lib.write_json(summary_path, summary)
+      clock = time.perf_counter()
+  bar.close()
+  train_seconds += time.perf_counter() - clock
+  final_dev = dev_eval(step)
+  for mark in pending_marks:  # Marks past the end of a shorter run: evaluate the final policy.
+    summary['eval_at_minutes'].append(_test_eval(model, state.params, task, inputs_length,
+                                                 targets_length, cache, detok, max_decode_len,
+                                                 mark, step, reached=False))
+  summary.update(steps=step, train_seconds=train_seconds, final_dev=final_dev,
+                 best_dev=ckpt.best_metrics(), task=task, batch_size=batch_size)
+  ckpt.save(state)
+  trainer_lib.write_json(summary_path, summary)
+  if writer:
+    writer.flush()
+  return summary
+
+
+def _test_eval(model, params, task, inputs_length, targets_length, cache, detok, max_decode_len,
+               mark, step, reached=True):
+  test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache)
+  m, _ = evaluation.evaluate_translation(model, params, test, detok, max_decode_len=max_decode_len)
+  logging.info('test at %.0f training minutes (step %d): %s', mark, step,
+               evaluation.format_metrics(m))
+  tqdm.write(f'[{mark:g} min, step {step}] test {evaluation.format_metrics(m)}')
+  return dict(m, minutes=mark, step=step, reached=reached)
+
+
+@gin.configurable(denylist=['model_dir'])
+def evaluate(model_dir: str,
+             model=gin.REQUIRED,
+             task: str = 'libreoffice_help_de_en',
+             splits: Sequence[str] = ('validation', 'test'),
+             inputs_length: int = 128,
+             targets_length: int = 128,
+             max_decode_len: int = 128,
+             method: str = 'greedy',
+             beam_size: int = 4,
+             batch_size: int = 64) -> dict[str, Any]:
+  """Translates the `splits` of `task` with the best (else latest) params in `model_dir`.
+
+  Writes `model_dir/eval_<split>.json` (metrics with sacreBLEU signatures) and
+  `model_dir/eval_<split>.hyp.txt` (one hypothesis a line).
+  """
+  mesh = partitioning.create_mesh()
+  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
+  shapes = _input_shapes(batch_size, inputs_length, targets_length)
+  params = trainer_lib.restore_params(model_dir, t.abstract_state(shapes).params)
+  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  detok = input_pipeline.detokenizer(task)
+  results = {}
+  for split in splits:
+    data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache)
+    m, hyps = evaluation.evaluate_translation(model, params, data, detok, batch_size=batch_size,
+                                              max_decode_len=max_decode_len, method=method,
+                                              beam_size=beam_size)
+    m.update(method=method, split=split, task=task)
+    print(f'{task}/{split} ({method}): {evaluation.format_metrics(m)}')
+    print(f'  chrF signature: {m["chrf_signature"]}')
+    trainer_lib.write_json(os.path.join(model_dir, f'eval_{split}.json'), m)
+    with open(os.path.join(model_dir, f'eval_{split}.hyp.txt'), 'w') as f:
+      f.write('\n'.join(h.replace('\n', ' ') for h in hyps) + '\n')
+    results[split] = m
+  return results

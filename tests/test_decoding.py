@@ -1,0 +1,364 @@
+"""Tests for rest_jax.decoding with stub tokens_to_logits functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rest_jax import decoding
+
+EOS = 1
+
+
+def _log_softmax(x, axis=-1):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(axis=axis, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def markov_fn(table):
+  """Logits depend only on the fed token: logits = table[cur_token]."""
+  table = jnp.asarray(table, jnp.float32)
+
+  def tokens_to_logits(state):
+    return table[state.cur_token], state.cache
+  return tokens_to_logits
+
+
+def index_fn(table):
+  """Logits depend only on the position: logits = table[cur_index]."""
+  table = jnp.asarray(table, jnp.float32)
+
+  def tokens_to_logits(state):
+    n = state.cur_token.shape[0]
+    return jnp.broadcast_to(table[state.cur_index], (n, table.shape[1])), state.cache
+  return tokens_to_logits
+
+
+def _jit_sample(fn, **static):
+  return jax.jit(lambda cache, rng: decoding.temperature_sample(
+      cache, fn, rng=rng, **static))
+
+
+# Hand-built model: start -> {2: .55, 3: .45}; 2 -> {1, 4, 5} ~ 1/3 each;
+# 3 -> EOS (.95); 4, 5 -> EOS. Greedy takes 2 (locally best) and ends with
+# p = .55 * .34 = .187; the best sequence is [3, EOS] with p = .45 * .95.
+_P = np.full((6, 6), 1e-6)
+_P[0, [2, 3]] = [.55, .45]
+_P[1, 1] = 1.0
+_P[2, [1, 4, 5]] = [.33, .34, .33]
+_P[3, [1, 4]] = [.95, .05]
+_P[4, 1] = 1.0
+_P[5, 1] = 1.0
+TRAP_LOGITS = np.log(_P / _P.sum(-1, keepdims=True))
+
+
+def test_expand_unflatten_roundtrip():
+  x = jnp.arange(3 * 2 * 5).reshape(3, 2, 5)
+  y = decoding.flat_batch_beam_expand(x, 4)
+  assert y.shape == (12, 2, 5)
+  np.testing.assert_array_equal(y[0], x[0])
+  np.testing.assert_array_equal(y[3], x[0])
+  np.testing.assert_array_equal(y[4], x[1])
+  u = decoding.unflatten_beam_dim(y, 3, 4)
+  assert u.shape == (3, 4, 2, 5)
+  for j in range(4):
+    np.testing.assert_array_equal(u[:, j], x)
+  np.testing.assert_array_equal(decoding.flatten_beam_dim(u), y)
+
+
+def test_greedy_exact_and_tiny_temperature():
+  fn = markov_fn(TRAP_LOGITS)
+  cache = jnp.zeros((2, 1))
+  g = jax.jit(lambda c: decoding.greedy_decode(
+      c, fn, batch_size=2, max_decode_len=6, eos_id=EOS))(cache)
+  expected = np.array([2, 4, 1, 0, 0, 0])
+  assert g.tokens.shape == (2, 1, 6)
+  for b in range(2):
+    np.testing.assert_array_equal(g.tokens[b, 0], expected)
+  np.testing.assert_array_equal(g.lengths, [[3], [3]])
+  assert int(g.num_steps) == 3
+  np.testing.assert_allclose(g.token_logprobs, 0.0)  # point mass
+  pol = [TRAP_LOGITS[0, 2], TRAP_LOGITS[2, 4], TRAP_LOGITS[4, 1], 0, 0, 0]
+  np.testing.assert_allclose(g.token_logprobs_policy[0, 0], pol, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g.sequence_logprob_policy[:, 0], sum(pol), rtol=1e-5)
+
+  kw = dict(batch_size=2, max_decode_len=6, eos_id=EOS, num_decodes=3)
+  traced = jax.jit(lambda c, r, t: decoding.temperature_sample(
+      c, fn, rng=r, temperature=t, **kw))
+  static = jax.jit(lambda c, r: decoding.temperature_sample(
+      c, fn, rng=r, temperature=1e-3, **kw))  # not the argmax branch
+  for out in [static(cache, jax.random.PRNGKey(3))] + [
+      traced(cache, jax.random.PRNGKey(3), jnp.float32(t)) for t in (0.0, 1e-3)]:
+    np.testing.assert_array_equal(out.tokens, np.broadcast_to(expected, (2, 3, 6)))
+    np.testing.assert_allclose(out.token_logprobs, 0.0, atol=1e-4)  # f32 at logits/1e-3
+
+
+def _draw_counts(logits, n, **kw):
+  logits = np.asarray(logits, np.float32)
+  V = logits.shape[0]
+  fn = index_fn(logits[None])
+  out = jax.jit(lambda r: decoding.temperature_sample(
+      jnp.zeros((1, 1)), fn, batch_size=1, max_decode_len=1, eos_id=EOS,
+      rng=r, num_decodes=n, **kw))(jax.random.PRNGKey(0))
+  toks = np.asarray(out.tokens[0, :, 0])
+  return np.bincount(toks, minlength=V) / n, toks, out
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.5])
+def test_sample_frequencies_match_softmax(temperature):
+  logits = np.array([0.3, -1.0, 1.2, 0.0, 0.8, -0.5, 2.0, 0.1])
+  freq, toks, out = _draw_counts(logits, 8192, temperature=temperature)
+  expected = np.exp(_log_softmax(logits / temperature))
+  np.testing.assert_allclose(freq, expected, atol=0.02)
+  # Log-probs: sampling distribution = tempered softmax; policy = untempered.
+  np.testing.assert_allclose(out.token_logprobs[0, :, 0],
+                             _log_softmax(logits / temperature)[toks], rtol=1e-5)
+  np.testing.assert_allclose(out.token_logprobs_policy[0, :, 0],
+                             _log_softmax(logits)[toks], rtol=1e-5)
+
+
+def test_sample_frequencies_large_vocab_two_level_cdf():
+  # 2003 is prime: exercises the padded two-level inverse CDF.
+  V = 2003
+  logits = np.full(V, -4.0)
+  hot = [0, 5, 44, 45, 777, 1500, 2002]
+  logits[hot] = [1.0, 2.0, 0.5, 1.5, 1.0, 0.0, 2.5]
+  freq, _, _ = _draw_counts(logits, 8192)
+  expected = np.exp(_log_softmax(logits))
+  np.testing.assert_allclose(freq[hot], expected[hot], atol=0.02)
+  cold = np.setdiff1d(np.arange(V), hot)
+  assert abs(freq[cold].sum() - expected[cold].sum()) < 0.02
+
+
+def test_topk_keeps_exactly_k_and_renormalises():
+  logits = np.array([0.5, 1.5, -0.3, 2.0, 0.0, 1.4, -1.0, 0.9])
+  freq, toks, out = _draw_counts(logits, 4096, topk=3, temperature=0.8)
+  kept = [3, 1, 5]
+  assert set(np.unique(toks)) == set(kept)
+  expected = np.zeros_like(logits)
+  expected[kept] = np.exp(_log_softmax(logits[kept] / 0.8))
+  np.testing.assert_allclose(freq, expected, atol=0.03)
+  ref = np.full_like(logits, -np.inf)
+  ref[kept] = _log_softmax(logits[kept] / 0.8)
+  np.testing.assert_allclose(out.token_logprobs[0, :, 0], ref[toks], rtol=1e-5)
+  np.testing.assert_allclose(out.token_logprobs_policy[0, :, 0],
+                             _log_softmax(logits)[toks], rtol=1e-5)
+
+
+@pytest.mark.parametrize('V', [8, 2003])
+@pytest.mark.parametrize('topk', [0, 5])
+def test_topp_keeps_smallest_nucleus(V, topk):
+  # Source 0: probabilities .4, .25, .15, .1 on tokens 6, 2, 4, 3; the rest
+  # share .1. Nucleus for p=.75 is {6, 2, 4} (mass .8 >= .75 > .65).
+  # Source 1: token 5 alone has .8 >= p: only the top token is kept.
+  probs = np.full((2, V), 0.1 / (V - 4))
+  probs[0, [6, 2, 4, 3]] = [.4, .25, .15, .1]
+  probs[1, [5, 2, 4, 3]] = [.8, .05, .03, .02]
+  logits = np.log(probs / probs.sum(-1, keepdims=True))
+  table = jnp.asarray(logits, jnp.float32)
+  fn = lambda state: (table[state.cache[:, 0]], state.cache)
+  n = 4096
+  out = _jit_sample(fn, batch_size=2, max_decode_len=1, eos_id=EOS,
+                    num_decodes=n, topp=0.75, topk=topk)(
+                        jnp.array([[0], [1]]), jax.random.PRNGKey(0))
+  toks = np.asarray(out.tokens[:, :, 0])
+  for src, kept in [(0, [6, 2, 4]), (1, [5])]:
+    assert set(np.unique(toks[src])) == set(kept)
+    ref = np.full(V, -np.inf)
+    ref[kept] = _log_softmax(logits[src, kept])
+    freq = np.bincount(toks[src], minlength=V) / n
+    np.testing.assert_allclose(freq[kept], np.exp(ref[kept]), atol=0.03)
+    np.testing.assert_allclose(out.token_logprobs[src, :, 0], ref[toks[src]],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.token_logprobs_policy[src, :, 0],
+                               logits[src, toks[src]], rtol=1e-5)
+
+
+def test_eos_padding_and_logprob_bookkeeping():
+  rng = np.random.RandomState(0)
+  V = 7
+  table = rng.randn(V, V).astype(np.float32) * 1.5
+  table[:, EOS] += 0.5
+  fn = markov_fn(table)
+  B, N, L = 3, 16, 9
+  out = _jit_sample(fn, batch_size=B, max_decode_len=L, eos_id=EOS,
+                    num_decodes=N, temperature=0.7)(jnp.zeros((B, 1)),
+                                                    jax.random.PRNGKey(7))
+  toks = np.asarray(out.tokens)
+  tlp, tpol = np.asarray(out.token_logprobs), np.asarray(out.token_logprobs_policy)
+  saw_eos = saw_full = False
+  for b in range(B):
+    for j in range(N):
+      row = toks[b, j]
+      eos_pos = np.nonzero(row == EOS)[0]
+      length = eos_pos[0] + 1 if len(eos_pos) else L
+      saw_eos |= bool(len(eos_pos))
+      saw_full |= not len(eos_pos)
+      assert out.lengths[b, j] == length
+      assert (row[length:] == 0).all()
+      assert (tlp[b, j, length:] == 0).all() and (tpol[b, j, length:] == 0).all()
+      prev = np.concatenate([[0], row[:-1]])
+      pol = _log_softmax(table[prev])[np.arange(L), row]
+      samp = _log_softmax(table[prev] / 0.7)[np.arange(L), row]
+      np.testing.assert_allclose(tpol[b, j, :length], pol[:length], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(tlp[b, j, :length], samp[:length], rtol=1e-4, atol=1e-5)
+  assert saw_eos and saw_full
+  np.testing.assert_allclose(out.sequence_logprob, tlp.sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(out.sequence_logprob_policy, tpol.sum(-1), rtol=1e-5)
+
+
+def test_while_loop_stops_early():
+  L, V = 10, 5
+  table = np.zeros((L, V), np.float32)
+  table[:, 3] = 5.0
+  table[2, EOS] = 50.0  # everyone emits EOS at step 2
+  inner = index_fn(table)
+  calls = []
+
+  def fn(state):
+    jax.debug.callback(lambda i: calls.append(int(i)), state.cur_index)
+    return inner(state)
+
+  out = _jit_sample(fn, batch_size=4, max_decode_len=L, eos_id=EOS,
+                    num_decodes=2)(jnp.zeros((4, 1)), jax.random.PRNGKey(0))
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert int(out.num_steps) == 3
+  assert sorted(calls) == [0, 1, 2]
+  np.testing.assert_array_equal(out.lengths, 3)
+  assert (np.asarray(out.tokens)[:, :, 3:] == 0).all()
+  assert (np.asarray(out.tokens)[:, :, 2] == EOS).all()
+
+
+def _source_fn(V=11):
+  """Markov stub whose logits also depend on the source id held in the cache."""
+  rng = np.random.RandomState(1)
+  table = jnp.asarray(rng.randn(V, V), jnp.float32)
+  src = jnp.asarray(rng.randn(8, V), jnp.float32)
+
+  def fn(state):
+    sid = state.cache['source'][:, 0]
+    logits = table[state.cur_token] + src[sid]
+    return logits, state.cache
+  return fn
+
+
+@pytest.mark.parametrize('typed_keys', [False, True])
+def test_per_source_rng_independent_of_batch(typed_keys):
+  fn = _source_fn()
+  jitted = {B: _jit_sample(fn, batch_size=B, max_decode_len=8, eos_id=EOS,
+                           num_decodes=5, topk=6) for B in (1, 3)}
+  sample = lambda cache, keys, B: jitted[B](cache, keys)
+  make = jax.random.key if typed_keys else jax.random.PRNGKey
+  keys = jnp.stack([make(s) for s in (11, 22, 33)]) if not typed_keys else \
+      jnp.concatenate([make(s)[None] for s in (11, 22, 33)])
+  sources = jnp.array([[3], [5], [7]], jnp.int32)
+  full = sample({'source': sources}, keys, 3)
+  for b in range(3):
+    alone = sample({'source': sources[b:b + 1]}, keys[b:b + 1], 1)
+    np.testing.assert_array_equal(alone.tokens[0], full.tokens[b])
+    np.testing.assert_allclose(alone.token_logprobs[0], full.token_logprobs[b])
+  # Candidates of a source differ from each other and sources differ.
+  assert len({tuple(t) for t in np.asarray(full.tokens[0])}) > 1
+  # A different batch composition (reordered) gives the same per-source rows.
+  perm = jnp.array([2, 0, 1])
+  permuted = sample({'source': sources[perm]}, keys[perm], 3)
+  np.testing.assert_array_equal(permuted.tokens, full.tokens[perm])
+
+
+def test_single_key_deterministic_and_cache_expanded():
+  fn = _source_fn()
+  cache = {'source': jnp.array([[0], [4]], jnp.int32), 'step': jnp.zeros((), jnp.int32)}
+  seen = {}
+
+  def spy(state):
+    seen['shape'] = state.cache['source'].shape
+    seen['step_shape'] = state.cache['step'].shape
+    return fn(state)
+
+  s = _jit_sample(spy, batch_size=2, max_decode_len=6, eos_id=EOS, num_decodes=3)
+  a = s(cache, jax.random.PRNGKey(0))
+  b = s(cache, jax.random.PRNGKey(0))
+  c = s(cache, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+  assert seen['shape'] == (6, 1) and seen['step_shape'] == ()
+
+  # Expansion order: rows of source b are b*N .. b*N+N-1 (greedy decodes of a
+  # source-dominated model reveal which source each row saw).
+  table = np.zeros((8, 9), np.float32)
+
+  def by_source(state):
+    sid = state.cache['source'][:, 0]
+    return jnp.asarray(table)[state.cur_token] + 10.0 * jax.nn.one_hot(sid + 2, 9), state.cache
+  g = _jit_sample(by_source, batch_size=2, max_decode_len=2, eos_id=EOS,
+                  num_decodes=3, temperature=0.0)(cache, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(g.tokens[:, :, 0], [[2, 2, 2], [6, 6, 6]])
+
+
+def test_beam_search_beats_greedy_on_trap():
+  fn = markov_fn(TRAP_LOGITS)
+  out = jax.jit(lambda c: decoding.beam_search(
+      c, fn, batch_size=2, max_decode_len=6, eos_id=EOS, beam_size=3,
+      alpha=0.6))(jnp.zeros((2, 1)))
+  assert out.tokens.shape == (2, 3, 6)
+  np.testing.assert_array_equal(out.tokens[:, 0], [[3, 1, 0, 0, 0, 0]] * 2)
+  np.testing.assert_array_equal(out.lengths[:, 0], [2, 2])
+  lp = TRAP_LOGITS[0, 3] + TRAP_LOGITS[3, 1]
+  np.testing.assert_allclose(out.logprobs[:, 0], lp, rtol=1e-5)
+  np.testing.assert_allclose(out.scores[:, 0], lp / ((5 + 2) / 6) ** 0.6, rtol=1e-5)
+  # Best first, and scores consistent with logprobs / GNMT penalty.
+  assert (np.diff(np.asarray(out.scores), axis=1) <= 0).all()
+  pen = ((5 + np.asarray(out.lengths)) / 6) ** 0.6
+  np.testing.assert_allclose(out.scores, np.asarray(out.logprobs) / pen, rtol=1e-5)
+  second = {tuple(np.asarray(out.tokens[0, k])) for k in (1, 2)}
+  assert (2, 4, 1, 0, 0, 0) in second or (2, 1, 0, 0, 0, 0) in second
+  # Greedy falls into the trap.
+  g = jax.jit(lambda c: decoding.greedy_decode(
+      c, fn, batch_size=2, max_decode_len=6, eos_id=EOS))(jnp.zeros((2, 1)))
+  np.testing.assert_array_equal(g.tokens[0, 0], [2, 4, 1, 0, 0, 0])
+  assert g.sequence_logprob_policy[0, 0] < out.logprobs[0, 0]
+
+
+def test_beam_search_cache_reordering_matches_sequence_model():
+  """A model reading its history from the cache must give the same beams as
+  the same model reading ``state.sequences`` (checks cache gathering)."""
+  V, M = 9, 7
+  W = jnp.asarray(np.random.RandomState(3).randn(M, V) * 2, jnp.float32)
+
+  def from_sequences(state):
+    h = (jnp.sum(state.sequences, axis=1) + state.cur_token) % M
+    return W[h], state.cache
+
+  # At step i, sequences sum to the cache's running sum of fed tokens plus
+  # cur_token (the last one, not yet in the cache).
+  def from_cache(state):
+    hist = state.cache['hist'][:, 0]
+    h = hist + 2 * state.cur_token
+    return W[h % M], {'hist': (hist + state.cur_token)[:, None]}
+
+  cache = {'hist': jnp.zeros((2, 1), jnp.int32)}
+  kw = dict(batch_size=2, max_decode_len=7, eos_id=EOS, beam_size=4)
+  a = jax.jit(lambda c: decoding.beam_search(c, from_sequences, **kw))(cache)
+  b = jax.jit(lambda c: decoding.beam_search(c, from_cache, **kw))(cache)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+  # Same check for sampling (cache expanded and threaded per row).
+  s = lambda fn: _jit_sample(fn, batch_size=2, max_decode_len=7, eos_id=EOS,
+                             num_decodes=4)(cache, jax.random.PRNGKey(5))
+  np.testing.assert_array_equal(s(from_sequences).tokens, s(from_cache).tokens)
+
+
+def test_beam_search_without_eos_returns_live_beams():
+  V = 5
+  table = np.log(np.array([1e-9, 1e-9, .5, .3, .2]))  # EOS never likely
+  fn = index_fn(np.tile(table, (4, 1)))
+  out = jax.jit(lambda c: decoding.beam_search(
+      c, fn, batch_size=1, max_decode_len=4, eos_id=EOS, beam_size=2,
+      alpha=0.0))(jnp.zeros((1, 1)))
+  assert int(out.num_steps) == 4
+  np.testing.assert_array_equal(out.tokens[0, 0], [2, 2, 2, 2])
+  np.testing.assert_allclose(out.logprobs[0, 0], 4 * np.log(.5), rtol=1e-4)
+  np.testing.assert_array_equal(out.lengths[0], [4, 4])
+  assert out.scores[0, 0] >= out.scores[0, 1]
