@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
@@ -41,17 +40,15 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int,
     RuntimeError (from sentencepiece): e.g. `vocab_size` larger than the corpus supports.
   """
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    corpus = os.path.join(tmp, 'corpus.txt')
-    with open(corpus, 'w', encoding='utf-8') as f:
-      for t in texts:
-        f.write(t.replace('\n', ' ') + '\n')
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        input=corpus, model_writer=proto, vocab_size=vocab_size, model_type='unigram',
-        character_coverage=character_coverage, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        bos_id=-1, input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-        max_sentence_length=8192, split_digits=True, byte_fallback=True, minloglevel=2)
+  proto = io.BytesIO()
+  # An iterator rather than an input file: the model then records no temporary path, so two
+  # builds from the same texts are byte-identical.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=(t.replace('\n', ' ') for t in texts), model_writer=proto,
+      vocab_size=vocab_size, model_type='unigram', character_coverage=character_coverage,
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, input_sentence_size=0,
+      shuffle_input_sentence=False, num_threads=1, max_sentence_length=8192, split_digits=True,
+      byte_fallback=True, normalization_rule_name='identity', minloglevel=2)
   tmp_path = model_path + '.tmp'
   with open(tmp_path, 'wb') as f:
     f.write(proto.getvalue())
