@@ -7,15 +7,15 @@ the batches the uninterrupted run would have seen) and lets every host compute i
 
 Length bucketing: within each epoch, examples are drawn in a seeded random order, cut into pools of
 `pool_batches` batches, sorted by length inside a pool and split into batches; the batch order is
-then shuffled. Each batch is trimmed to its longest row rounded up to `length_multiple` tokens, so
-the train step compiles once per bucket shape (a handful) instead of padding every batch to the
-longest sentence of the corpus.
+then shuffled. Each batch's sequence features (source and target alike) are trimmed to the
+smallest of `length_buckets` that holds its longest row, so the train step compiles once per
+bucket (a handful of shapes) instead of padding every batch to the longest sentence of the corpus.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -41,8 +41,8 @@ class ArrayBatcher:
     batch_size: rows per batch (global batch; every host computes the same global batch and may
       slice its own rows).
     seed: shuffling seed.
-    length_multiple: trim each batch's sequence features to a multiple of this many tokens;
-      0 disables trimming (every batch keeps the full array length).
+    length_buckets: trim each batch's sequence features to the smallest of these lengths (tokens)
+      that holds its longest source and target; () disables trimming (full array length).
     pool_batches: batches per sorting pool (1 = no length grouping).
 
   Raises:
@@ -50,7 +50,7 @@ class ArrayBatcher:
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0,
-               length_multiple: int = 16, pool_batches: int = 32):
+               length_buckets: Sequence[int] = (16, 32, 64, 128), pool_batches: int = 32):
     sizes = {k: len(v) for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
       raise ValueError(f'features have different numbers of examples: {sizes}')
@@ -60,7 +60,7 @@ class ArrayBatcher:
     self.arrays = dict(arrays)
     self.batch_size = batch_size
     self.seed = seed
-    self.length_multiple = length_multiple
+    self.length_buckets = sorted(length_buckets)
     self.pool_batches = max(1, pool_batches)
     self.batches_per_epoch = self.num_examples // batch_size
     self._lengths = {k: lengths(np.asarray(v)) for k, v in self.arrays.items()
@@ -85,15 +85,18 @@ class ArrayBatcher:
     epoch, index = divmod(step, self.batches_per_epoch)
     rows = self._epoch_plan(epoch)[index]
     batch = {k: np.asarray(v[rows]) for k, v in self.arrays.items()}
-    if self.length_multiple:
-      for key, length_key in LENGTH_KEYS.items():
+    if self.length_buckets:
+      longest = max(int(v[rows].max()) for v in self._lengths.values())
+      n = bucket_length(longest, self.length_buckets)
+      for key in LENGTH_KEYS:
         if key in batch:
-          full = batch[key].shape[1]
-          n = int(self._lengths[length_key][rows].max()) if length_key in self._lengths else full
-          n = min(full, max(self.length_multiple,
-                            -(-n // self.length_multiple) * self.length_multiple))
           batch[key] = batch[key][:, :n]
     return batch
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= `length`, or `length` itself if no bucket holds it (never truncates)."""
+  return min([b for b in buckets if b >= length], default=length)
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> tuple[dict, int]:

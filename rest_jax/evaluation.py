@@ -15,6 +15,8 @@ import sacrebleu
 
 from rest_jax import data as data_lib
 
+LENGTH_BUCKETS = (16, 32, 64, 128)
+
 
 def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
   """Corpus sacreBLEU and chrF (0-100) with sacreBLEU's signature strings.
@@ -46,8 +48,8 @@ def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Calla
               beam_size: int = 4, beam_alpha: float = 0.6) -> list[str]:
   """Translates `[n, src_len]` int32 sources; returns n strings.
 
-  Sources are sorted by length and decoded in fixed-shape batches (the last one zero-padded), so
-  the decoder compiles once per `(batch_size, src_len)`.
+  Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
+  zero-padded) trimmed to a length bucket, so decoding compiles once per bucket.
   """
   n = len(encoder_input_tokens)
   order = np.argsort(data_lib.lengths(encoder_input_tokens), kind='stable')
@@ -56,8 +58,9 @@ def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Calla
   out: list[str | None] = [None] * n
   for start in range(0, n, batch_size):
     rows = order[start:start + batch_size]
-    batch, real = data_lib.pad_batch({'encoder_input_tokens': encoder_input_tokens[rows]},
-                                     batch_size)
+    src = encoder_input_tokens[rows]
+    src = src[:, :data_lib.bucket_length(int(data_lib.lengths(src).max()), LENGTH_BUCKETS)]
+    batch, real = data_lib.pad_batch({'encoder_input_tokens': src}, batch_size)
     tokens = np.asarray(jax.device_get(predict(params, batch)))
     for r, t in zip(rows, tokens[:real]):
       out[r] = detokenize(t)

@@ -51,9 +51,16 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     FileNotFoundError: a gin file not found on the search path.
   """
   register_gin_configurables()
-  for path in list(search_paths) + [_ROOT, os.path.join(_ROOT, 'gin_configs'), os.getcwd()]:
+  roots = [os.getcwd()] + list(search_paths) + [_ROOT, os.path.join(_ROOT, 'gin_configs')]
+  for path in roots[1:]:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  resolved = []
+  for name in gin_files:  # Absolute paths: gin's resource reader chokes on namespace packages.
+    found = [os.path.join(r, name) for r in roots if os.path.exists(os.path.join(r, name))]
+    if not found:
+      raise FileNotFoundError(f'gin file {name!r} not found in {roots}')
+    resolved.append(os.path.abspath(found[0]))
+  gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
   from tasks import translation
   translation.register_tasks()  # Again, now with the gin-bound vocabulary size.
 

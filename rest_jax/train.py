@@ -169,10 +169,10 @@ def train(model_dir: str,
   bar.close()
   train_seconds += time.perf_counter() - clock
   final_dev = dev_eval(step)
-  for mark in pending_marks:  # Marks past the end of a shorter run: evaluate the final policy.
-    summary['eval_at_minutes'].append(_test_eval(model, state.params, task, inputs_length,
-                                                 targets_length, cache, detok, max_decode_len,
-                                                 mark, step, reached=False))
+  if pending_marks:  # Marks past the end of a shorter run: the final policy stands for them.
+    final = _test_eval(model, state.params, task, inputs_length, targets_length, cache, detok,
+                       max_decode_len, pending_marks[0], step, reached=False)
+    summary['eval_at_minutes'] += [dict(final, minutes=mark) for mark in pending_marks]
   summary.update(steps=step, train_seconds=train_seconds, final_dev=final_dev,
                  best_dev=ckpt.best_metrics(), task=task, batch_size=batch_size)
   ckpt.save(state)

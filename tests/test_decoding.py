@@ -51,27 +51,30 @@ _P[3, [1, 4]] = [.95, .05]
 _P[4, 1] = 1.0
 _P[5, 1] = 1.0
 TRAP_LOGITS = np.log(_P / _P.sum(-1, keepdims=True))
+_trap_greedy = jax.jit(lambda c: decoding.greedy_decode(
+    c, markov_fn(TRAP_LOGITS), batch_size=2, max_decode_len=6, eos_id=EOS))
 
 
 def test_expand_unflatten_roundtrip():
-  x = jnp.arange(3 * 2 * 5).reshape(3, 2, 5)
-  y = decoding.flat_batch_beam_expand(x, 4)
-  assert y.shape == (12, 2, 5)
+  x = np.arange(3 * 2 * 5).reshape(3, 2, 5)
+  y, u, f = jax.jit(lambda x: (
+      decoding.flat_batch_beam_expand(x, 4),
+      decoding.unflatten_beam_dim(decoding.flat_batch_beam_expand(x, 4), 3, 4),
+      decoding.flatten_beam_dim(decoding.unflatten_beam_dim(
+          decoding.flat_batch_beam_expand(x, 4), 3, 4))))(x)
+  assert y.shape == (12, 2, 5) and u.shape == (3, 4, 2, 5)
   np.testing.assert_array_equal(y[0], x[0])
   np.testing.assert_array_equal(y[3], x[0])
   np.testing.assert_array_equal(y[4], x[1])
-  u = decoding.unflatten_beam_dim(y, 3, 4)
-  assert u.shape == (3, 4, 2, 5)
   for j in range(4):
     np.testing.assert_array_equal(u[:, j], x)
-  np.testing.assert_array_equal(decoding.flatten_beam_dim(u), y)
+  np.testing.assert_array_equal(f, y)
 
 
 def test_greedy_exact_and_tiny_temperature():
   fn = markov_fn(TRAP_LOGITS)
   cache = jnp.zeros((2, 1))
-  g = jax.jit(lambda c: decoding.greedy_decode(
-      c, fn, batch_size=2, max_decode_len=6, eos_id=EOS))(cache)
+  g = _trap_greedy(cache)
   expected = np.array([2, 4, 1, 0, 0, 0])
   assert g.tokens.shape == (2, 1, 6)
   for b in range(2):
@@ -92,6 +95,20 @@ def test_greedy_exact_and_tiny_temperature():
       traced(cache, jax.random.PRNGKey(3), jnp.float32(t)) for t in (0.0, 1e-3)]:
     np.testing.assert_array_equal(out.tokens, np.broadcast_to(expected, (2, 3, 6)))
     np.testing.assert_allclose(out.token_logprobs, 0.0, atol=1e-4)  # f32 at logits/1e-3
+
+
+def test_greedy_large_vocab_two_level_argmax():
+  V, L = 3001, 4  # 3001 is prime: padded blocks
+  table = np.random.RandomState(4).randn(L, V).astype(np.float32)
+  table[0, [17, 2999]] = 9.0  # tie: first index wins, like np.argmax
+  table[1, 3000] = 9.0
+  table[2, 1500] = 9.0
+  out = jax.jit(lambda c: decoding.greedy_decode(
+      c, index_fn(table), batch_size=1, max_decode_len=L, eos_id=EOS))(
+          jnp.zeros((1, 1)))
+  np.testing.assert_array_equal(out.tokens[0, 0], np.argmax(table, -1))
+  np.testing.assert_allclose(out.token_logprobs_policy[0, 0],
+                             _log_softmax(table).max(-1), rtol=1e-5)
 
 
 def _draw_counts(logits, n, **kw):
@@ -146,8 +163,7 @@ def test_topk_keeps_exactly_k_and_renormalises():
                              _log_softmax(logits)[toks], rtol=1e-5)
 
 
-@pytest.mark.parametrize('V', [8, 2003])
-@pytest.mark.parametrize('topk', [0, 5])
+@pytest.mark.parametrize('V,topk', [(8, 0), (2003, 0), (64, 5)])
 def test_topp_keeps_smallest_nucleus(V, topk):
   # Source 0: probabilities .4, .25, .15, .1 on tokens 6, 2, 4, 3; the rest
   # share .1. Nucleus for p=.75 is {6, 2, 4} (mass .8 >= .75 > .65).
@@ -244,27 +260,27 @@ def _source_fn(V=11):
   return fn
 
 
-@pytest.mark.parametrize('typed_keys', [False, True])
-def test_per_source_rng_independent_of_batch(typed_keys):
+def test_per_source_rng_independent_of_batch():
   fn = _source_fn()
   jitted = {B: _jit_sample(fn, batch_size=B, max_decode_len=8, eos_id=EOS,
                            num_decodes=5, topk=6) for B in (1, 3)}
-  sample = lambda cache, keys, B: jitted[B](cache, keys)
-  make = jax.random.key if typed_keys else jax.random.PRNGKey
-  keys = jnp.stack([make(s) for s in (11, 22, 33)]) if not typed_keys else \
-      jnp.concatenate([make(s)[None] for s in (11, 22, 33)])
-  sources = jnp.array([[3], [5], [7]], jnp.int32)
-  full = sample({'source': sources}, keys, 3)
+  sample = lambda cache, keys: jitted[keys.shape[0]](cache, keys)
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), 3))  # [3, 2] uint32
+  sources = np.array([[3], [5], [7]], np.int32)
+  full = sample({'source': sources}, keys)
   for b in range(3):
-    alone = sample({'source': sources[b:b + 1]}, keys[b:b + 1], 1)
+    alone = sample({'source': sources[b:b + 1]}, keys[b:b + 1])
     np.testing.assert_array_equal(alone.tokens[0], full.tokens[b])
     np.testing.assert_allclose(alone.token_logprobs[0], full.token_logprobs[b])
-  # Candidates of a source differ from each other and sources differ.
+  # Candidates of a source differ from each other.
   assert len({tuple(t) for t in np.asarray(full.tokens[0])}) > 1
   # A different batch composition (reordered) gives the same per-source rows.
-  perm = jnp.array([2, 0, 1])
-  permuted = sample({'source': sources[perm]}, keys[perm], 3)
+  perm = np.array([2, 0, 1])
+  permuted = sample({'source': sources[perm]}, keys[perm])
   np.testing.assert_array_equal(permuted.tokens, full.tokens[perm])
+  # Typed key arrays [batch] behave exactly like raw uint32 [batch, 2] keys.
+  typed = sample({'source': sources}, jax.random.wrap_key_data(keys))
+  np.testing.assert_array_equal(typed.tokens, full.tokens)
 
 
 def test_single_key_deterministic_and_cache_expanded():
@@ -315,8 +331,7 @@ def test_beam_search_beats_greedy_on_trap():
   second = {tuple(np.asarray(out.tokens[0, k])) for k in (1, 2)}
   assert (2, 4, 1, 0, 0, 0) in second or (2, 1, 0, 0, 0, 0) in second
   # Greedy falls into the trap.
-  g = jax.jit(lambda c: decoding.greedy_decode(
-      c, fn, batch_size=2, max_decode_len=6, eos_id=EOS))(jnp.zeros((2, 1)))
+  g = _trap_greedy(jnp.zeros((2, 1)))
   np.testing.assert_array_equal(g.tokens[0, 0], [2, 4, 1, 0, 0, 0])
   assert g.sequence_logprob_policy[0, 0] < out.logprobs[0, 0]
 

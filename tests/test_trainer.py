@@ -50,7 +50,7 @@ def new_trainer(mesh, **kw):
 
 
 def test_sharded_step_matches_single_device():
-  batcher = data_lib.ArrayBatcher(make_arrays(), B, seed=1, length_multiple=0)
+  batcher = data_lib.ArrayBatcher(make_arrays(), B, seed=1, length_buckets=())
   results = {}
   for name, mesh in [('1', partitioning.create_mesh(1, jax.devices()[:1])),
                      ('8x1', partitioning.create_mesh(1)),
@@ -94,7 +94,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_microbatches_average_gradients():
   mesh = partitioning.create_mesh(1)
-  batch = data_lib.ArrayBatcher(make_arrays(), B, length_multiple=0).batch_at(0)
+  batch = data_lib.ArrayBatcher(make_arrays(), B, length_buckets=()).batch_at(0)
   sharded = partitioning.shard_batch(batch, mesh)
   outs = []
   for m in (1, 2, 4):
@@ -152,15 +152,19 @@ def test_batcher_is_a_pure_function_of_step():
   for step in range(5):  # One epoch = 5 batches visits every example once.
     seen.extend(map(tuple, a.batch_at(step)['encoder_input_tokens'].tolist()))
   assert len(seen) == 40
-  # Batches are trimmed to the longest row rounded up to the multiple, capped at the array length,
-  # and trimming only drops padding.
-  c = data_lib.ArrayBatcher(arrays, 8, seed=5, length_multiple=4)
+  # Batches are trimmed to the smallest bucket holding their longest source or target; trimming
+  # only ever drops padding.
+  c = data_lib.ArrayBatcher(arrays, 8, seed=5, length_buckets=(4, 8, 10, 16))
   for step in range(5):
     full, cut = a.batch_at(step), c.batch_at(step)
-    longest = data_lib.lengths(full['decoder_target_tokens']).max()
-    assert cut['decoder_target_tokens'].shape[1] == min(LT, -(-longest // 4) * 4)
-    n = cut['decoder_input_tokens'].shape[1]
-    np.testing.assert_array_equal(cut['decoder_input_tokens'], full['decoder_input_tokens'][:, :n])
-    assert not full['decoder_target_tokens'][:, n:].any()
+    longest = max(data_lib.lengths(full['decoder_target_tokens']).max(),
+                  data_lib.lengths(full['encoder_input_tokens']).max())
+    bucket = min(b for b in (4, 8, 10, 16) if b >= longest)
+    for k in full:
+      n = min(bucket, full[k].shape[1])  # Capped at the arrays' own width.
+      assert cut[k].shape[1] == n
+      np.testing.assert_array_equal(cut[k], full[k][:, :n])
+      assert not full[k][:, n:].any()
+  assert data_lib.bucket_length(20, (8, 16)) == 20  # Longer than every bucket: not truncated.
   with pytest.raises(ValueError, match='cannot fill one batch'):
     data_lib.ArrayBatcher(arrays, 64)
