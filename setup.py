@@ -27,7 +27,7 @@ setuptools.setup(
         # Peers the benchmarks compare against (issue: side-by-side throughput).
         'bench': ['torch==2.13.0', 'transformers==4.57.1', 'ctranslate2==4.6.0'],
         # Cloud launches of the gin configs (xm_launch/).
-        'launch': ['xmanager==0.7.1'],
+        'launch': ['xmanager==0.8.5.post1'],
     },
     entry_points={'console_scripts': ['rest-jax=rest_jax.main:main']},
 )

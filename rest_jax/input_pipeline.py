@@ -2,7 +2,8 @@
 
 This is the one place where the training code touches TensorFlow / SeqIO (imported lazily), so the
 core (model, decoding, trainer, losses) stays importable without them. A task's split is run once
-through `seqio.EncDecFeatureConverter` (no packing) and kept as numpy arrays:
+through its SeqIO pipeline and laid out as `seqio.EncDecFeatureConverter` (no packing) would, as
+numpy arrays:
 
     encoder_input_tokens  [n, inputs_length]  int32
     decoder_input_tokens  [n, targets_length] int32
@@ -66,9 +67,36 @@ def detokenizer(task_name: str) -> Callable[[Sequence[int]], str]:
   return detok
 
 
+def pad_features(inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                 inputs_length: int, targets_length: int) -> dict[str, np.ndarray]:
+  """Unpacked encoder-decoder features, exactly as `seqio.EncDecFeatureConverter(pack=False)`.
+
+  Args:
+    inputs, targets: token id lists (EOS already appended, at most the feature lengths).
+  Returns:
+    encoder_input_tokens [n, inputs_length] int32, decoder_target_tokens [n, targets_length]
+    int32, decoder_input_tokens (targets shifted right behind the start token 0), and
+    decoder_loss_weights [n, targets_length] float32 (1 on real target tokens).
+  """
+  n = len(inputs)
+  enc = np.zeros((n, inputs_length), np.int32)
+  tgt = np.zeros((n, targets_length), np.int32)
+  for i, (x, y) in enumerate(zip(inputs, targets)):
+    enc[i, :len(x)] = x[:inputs_length]
+    tgt[i, :len(y)] = y[:targets_length]
+  dec_in = np.zeros_like(tgt)
+  dec_in[:, 1:] = tgt[:, :-1]
+  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec_in,
+          'decoder_target_tokens': tgt, 'decoder_loss_weights': (tgt > 0).astype(np.float32)}
+
+
 def load_task_data(task_name: str, split: str, inputs_length: int, targets_length: int,
                    max_examples: int | None = None) -> TaskData:
   """Tokenized, padded arrays and texts of one split of a SeqIO task, in file order.
+
+  One pass of the task's SeqIO pipeline (tokenize, trim to the feature length keeping EOS);
+  `pad_features` then lays the features out as `seqio.EncDecFeatureConverter` does (a test checks
+  the two agree).
 
   Args:
     task_name: a registered task, e.g. 'libreoffice_help_de_en'.
@@ -79,36 +107,32 @@ def load_task_data(task_name: str, split: str, inputs_length: int, targets_lengt
   Raises:
     tasks.readers.CorpusError: missing or malformed data (message names the file and line).
   """
-  import seqio
   import tensorflow_datasets as tfds
 
   task = get_task(task_name)
   lengths = {'inputs': inputs_length, 'targets': targets_length}
-  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False,
-                        trim_output_features=False)
+  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
   if max_examples:
     ds = ds.take(max_examples)
-  inputs, targets, keys, truncated = [], [], [], 0
+  texts: dict[str, list[str]] = {'inputs': [], 'targets': [], 'key': []}
+  tokens: dict[str, list] = {'inputs': [], 'targets': []}
   for ex in tfds.as_numpy(ds):
-    inputs.append(ex['inputs_pretokenized'].decode('utf-8'))
-    targets.append(ex['targets_pretokenized'].decode('utf-8'))
-    keys.append(ex['key'].decode('utf-8'))
-    truncated += int(len(ex['inputs']) > inputs_length or len(ex['targets']) > targets_length)
-  trimmed = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1, use_cached=False)
-  if max_examples:
-    trimmed = trimmed.take(max_examples)
-  converter = seqio.EncDecFeatureConverter(pack=False)
-  converted = converter(trimmed, lengths)
-  cols: dict[str, list] = {}
-  for ex in tfds.as_numpy(converted):
-    for k, v in ex.items():
-      cols.setdefault(k, []).append(v)
-  arrays = {k: np.stack(v) for k, v in cols.items()}
-  arrays['decoder_loss_weights'] = arrays['decoder_loss_weights'].astype(np.float32)
+    for k in texts:
+      texts[k].append(ex[k + '_pretokenized' if k != 'key' else k].decode('utf-8'))
+    for k in tokens:
+      tokens[k].append(ex[k])
+  vocab = task.output_features['targets'].vocabulary
+  truncated = 0  # Rows at a length limit: re-tokenize those few to know whether text was cut.
+  for i in range(len(texts['inputs'])):
+    for k, limit in (('inputs', inputs_length), ('targets', targets_length)):
+      if len(tokens[k][i]) == limit and len(vocab.encode(texts[k][i])) + 1 > limit:
+        truncated += 1
+        break
+  arrays = pad_features(tokens['inputs'], tokens['targets'], inputs_length, targets_length)
   if truncated:
     logging.info('%s/%s: %d of %d examples truncated to %s tokens', task_name, split, truncated,
-                 len(inputs), lengths)
-  return TaskData(arrays, inputs, targets, keys, truncated)
+                 len(texts['inputs']), lengths)
+  return TaskData(arrays, texts['inputs'], texts['targets'], texts['key'], truncated)
 
 
 def cached_task_data(task_name: str, split: str, inputs_length: int, targets_length: int,

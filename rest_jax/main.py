@@ -2,11 +2,12 @@
 
     rest-jax train --gin_file=gin_configs/runs/train_bc.gin [--gin.NAME=VALUE ...] [--workdir=DIR]
     rest-jax eval  --gin_file=gin_configs/runs/train_bc.gin [--model_dir=DIR]
+    rest-jax grow  --gin_file=gin_configs/runs/grow.gin --gin.grow.policy_dir="'workdir/bc'"
 
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
 `--workdir` (default ./workdir) holds every stage of a run; `--model_dir` defaults to
-`<workdir>/bc`.
+`<workdir>/bc` (`<workdir>/grow_<grow_step>` for grow).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def register_gin_configurables() -> None:
   import jax.numpy as jnp
   import tasks  # noqa: F401  (SeqIO tasks; `tasks.translation.*` bindings)
   from rest_jax import train  # noqa: F401  (train, evaluate, make_optimizer, create_mesh)
+  from rest_jax import grow  # noqa: F401  (grow)
   from rest_jax.models import encoder_decoder, transformer
   gin.external_configurable(transformer.TransformerConfig, 'TransformerConfig', module='models')
   gin.external_configurable(transformer.Transformer, 'Transformer', module='models')
@@ -51,9 +53,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     FileNotFoundError: a gin file not found on the search path.
   """
   register_gin_configurables()
-  roots = [os.getcwd()] + list(search_paths) + [_ROOT, os.path.join(_ROOT, 'gin_configs')]
+  roots = [os.getcwd()] + list(search_paths) + [os.path.join(_ROOT, 'gin_configs'), _ROOT]
   for path in roots[1:]:
     gin.add_config_file_search_path(path)
+  # gin logs an ERROR for every search-path entry an `include` is not under: noise, not errors.
+  logging.getLogger().addFilter(lambda r: not str(r.msg).startswith('Path not found'))
   resolved = []
   for name in gin_files:  # Absolute paths: gin's resource reader chokes on namespace packages.
     found = [os.path.join(r, name) for r in roots if os.path.exists(os.path.join(r, name))]
@@ -83,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=['train', 'eval'])
+  parser.add_argument('command', choices=['train', 'eval', 'grow'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
   parser.add_argument('--workdir', default='workdir')
@@ -103,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                  summary['train_seconds'] / 60)
   elif args.command == 'eval':
     train_lib.evaluate(model_dir)
+  elif args.command == 'grow':
+    from rest_jax import grow as grow_lib
+    try:
+      grow_step = gin.query_parameter('grow.grow_step')
+    except ValueError:  # Not bound: the default.
+      grow_step = 1
+    grow_lib.grow(args.model_dir or os.path.join(args.workdir, f'grow_{grow_step}'))
 
 
 if __name__ == '__main__':

@@ -46,10 +46,12 @@ def train(model_dir: str,
           eval_every_steps: int = 1000,
           eval_examples: int = 400,
           eval_at_minutes: Sequence[float] = (),
+          test_examples: int | None = None,
           checkpoint_every_steps: int = 1000,
           max_decode_len: int = 128,
           num_microbatches: int = 1,
           seed: int = 0,
+          max_train_examples: int | None = None,
           init_params_dir: str | None = None,
           train_data=None) -> dict[str, Any]:
   """Trains `model` on `task`'s train split; resumes from `model_dir` if it holds a checkpoint.
@@ -65,11 +67,13 @@ def train(model_dir: str,
     max_minutes: also stop after this much training time (minutes; None: no limit).
     eval_every_steps: dev greedy BLEU on `eval_examples` dev pairs, keep-best checkpoint by it.
     eval_at_minutes: training-time marks (minutes) at which the full test split is evaluated;
-      results go to `model_dir/eval_at_minutes.json`.
+      results go to `model_dir/train_summary.json`.
+    test_examples: evaluate only the first test pairs at those marks (None: the whole split).
     checkpoint_every_steps: latest-state checkpoint period (for resume).
     max_decode_len: decoding length for evaluation (tokens).
     num_microbatches: gradient accumulation factor.
     seed: run seed (init, data order, dropout).
+    max_train_examples: train on the first pairs of the split only (None: all).
     init_params_dir: start from the params of this run (fresh optimizer), e.g. a BC policy.
     train_data: an `input_pipeline.TaskData` to train on instead of `task`'s train split (Improve).
 
@@ -82,7 +86,8 @@ def train(model_dir: str,
   with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
     f.write(gin.config_str())
   if train_data is None:
-    train_data = input_pipeline.cached_task_data(task, 'train', inputs_length, targets_length, cache)
+    train_data = input_pipeline.cached_task_data(task, 'train', inputs_length, targets_length, cache,
+                                                 max_examples=max_train_examples)
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=eval_examples)
   detok = input_pipeline.detokenizer(task)
@@ -156,7 +161,8 @@ def train(model_dir: str,
         mark = pending_marks.pop(0)
         summary['eval_at_minutes'].append(_test_eval(model, state.params, task, inputs_length,
                                                      targets_length, cache, detok,
-                                                     max_decode_len, mark, step))
+                                                     max_decode_len, mark, step,
+                                                     max_examples=test_examples))
       clock = time.perf_counter()
     if step % eval_every_steps == 0:
       dev_eval(step)
@@ -171,7 +177,8 @@ def train(model_dir: str,
   final_dev = dev_eval(step)
   if pending_marks:  # Marks past the end of a shorter run: the final policy stands for them.
     final = _test_eval(model, state.params, task, inputs_length, targets_length, cache, detok,
-                       max_decode_len, pending_marks[0], step, reached=False)
+                       max_decode_len, pending_marks[0], step, reached=False,
+                       max_examples=test_examples)
     summary['eval_at_minutes'] += [dict(final, minutes=mark) for mark in pending_marks]
   summary.update(steps=step, train_seconds=train_seconds, final_dev=final_dev,
                  best_dev=ckpt.best_metrics(), task=task, batch_size=batch_size)
@@ -183,8 +190,9 @@ def train(model_dir: str,
 
 
 def _test_eval(model, params, task, inputs_length, targets_length, cache, detok, max_decode_len,
-               mark, step, reached=True):
-  test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache)
+               mark, step, reached=True, max_examples=None):
+  test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
+                                         max_examples=max_examples)
   m, _ = evaluation.evaluate_translation(model, params, test, detok, max_decode_len=max_decode_len)
   logging.info('test at %.0f training minutes (step %d): %s', mark, step,
                evaluation.format_metrics(m))
@@ -202,11 +210,13 @@ def evaluate(model_dir: str,
              max_decode_len: int = 128,
              method: str = 'greedy',
              beam_size: int = 4,
-             batch_size: int = 64) -> dict[str, Any]:
+             batch_size: int = 64,
+             max_examples: int | None = None) -> dict[str, Any]:
   """Translates the `splits` of `task` with the best (else latest) params in `model_dir`.
 
   Writes `model_dir/eval_<split>.json` (metrics with sacreBLEU signatures) and
-  `model_dir/eval_<split>.hyp.txt` (one hypothesis a line).
+  `model_dir/eval_<split>.hyp.txt` (one hypothesis a line). `max_examples` limits each split to
+  its first pairs (None: all).
   """
   mesh = partitioning.create_mesh()
   t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
@@ -216,7 +226,8 @@ def evaluate(model_dir: str,
   detok = input_pipeline.detokenizer(task)
   results = {}
   for split in splits:
-    data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache)
+    data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache,
+                                           max_examples=max_examples)
     m, hyps = evaluation.evaluate_translation(model, params, data, detok, batch_size=batch_size,
                                               max_decode_len=max_decode_len, method=method,
                                               beam_size=beam_size)

@@ -9,3 +9,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# One persistent compilation cache for the session: the CLI tests run the same jitted steps in
+# several "processes" (train, resume, eval), as a researcher's runs would.
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='rest_jax_jit_cache_'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -36,6 +36,20 @@ def test_task_batches_through_feature_converter(name):
   np.testing.assert_array_equal(batch['decoder_loss_weights'], batch['decoder_target_tokens'] > 0)
 
 
+def test_input_pipeline_arrays_equal_feature_converter():
+  from rest_jax import input_pipeline
+  name = 'libreoffice_help_de_en'
+  data = input_pipeline.load_task_data(name, 'test', 32, 24, max_examples=64)
+  ds = seqio.get_mixture_or_task(name).get_dataset({'inputs': 32, 'targets': 24}, split='test',
+                                                   shuffle=False, num_epochs=1).take(64)
+  converted = seqio.EncDecFeatureConverter(pack=False)(ds, {'inputs': 32, 'targets': 24})
+  expected = next(iter(tfds.as_numpy(converted.batch(64))))
+  for k, v in expected.items():
+    np.testing.assert_array_equal(data.arrays[k], v, err_msg=k)
+  assert data.inputs[0] == translation.load_pairs(name, 'test')[0].source
+  assert 0 < data.num_truncated < 64  # Some real paragraphs exceed 24 target tokens.
+
+
 def test_splits_have_expected_sizes_and_keys():
   task = seqio.get_mixture_or_task('libreoffice_help_de_en')
   dev = list(tfds.as_numpy(task.source.get_dataset('validation')))
