@@ -227,6 +227,8 @@ def versions(*names: str) -> dict[str, str | None]:
 def machine_info() -> dict[str, Any]:
   info = {'platform': platform.platform(), 'python': platform.python_version(),
           'processor': platform.processor(), 'cpu_count': os.cpu_count()}
+  if hasattr(os, 'getloadavg'):
+    info['loadavg_1_5_15min'] = [round(x, 2) for x in os.getloadavg()]
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
@@ -241,6 +243,14 @@ def machine_info() -> dict[str, Any]:
   except Exception:  # pragma: no cover
     pass
   return info
+
+
+def warn_if_busy(threshold: float = 0.5) -> None:
+  """Warns when the machine is not idle: PyTorch's OpenMP threads (and XLA's) slow down by
+  10-40x on 2 cores when another process competes for them, which makes the figures meaningless."""
+  if hasattr(os, 'getloadavg') and os.getloadavg()[0] > threshold:
+    print(f'WARNING: 1-minute load average {os.getloadavg()[0]:.2f} > {threshold}: other '
+          'processes are using the CPU; the timings will not be representative.', flush=True)
 
 
 def timestamp() -> str:

@@ -214,6 +214,7 @@ def main(argv=None) -> dict:
   p.add_argument('--profile', action='store_true',
                  help='also time one rest-jax decode step: model vs sampling')
   args = p.parse_args(argv)
+  common.warn_if_busy()
   sides = [s.strip() for s in args.sides.split(',') if s.strip()]
   unknown = set(sides) - {'rest_jax', 'hf', 'ct2'}
   if unknown:

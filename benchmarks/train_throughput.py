@@ -297,8 +297,11 @@ def main(argv=None) -> dict:
   p.add_argument('--tgt-len', type=int, default=32)
   p.add_argument('--torch-threads', type=int, default=2)
   p.add_argument('--no-torch', action='store_true', help='rest-jax only')
+  p.add_argument('--no-rest-jax', action='store_true',
+                 help='PyTorch only (a control: PyTorch without JAX having run in the process)')
   p.add_argument('--profile', metavar='DIR', help='profile the rest-jax step into DIR')
   args = p.parse_args(argv)
+  common.warn_if_busy()
 
   import jax
   dtypes = ['float32', 'bfloat16'] if args.dtype == 'both' else [args.dtype]
@@ -310,25 +313,23 @@ def main(argv=None) -> dict:
         f'{args.tgt_len} target tokens; {flops["total"] / 1e9:.2f} GFLOP/step (formula); '
         f'{args.warmup} warm-up steps, median of {args.repeats} x {args.steps} steps',
         flush=True)
-  peak = common.matmul_peak_flops()
-  print(f'float32 matmul peak (jax.jit(jnp.dot)): {common.fmt_flops(peak["peak_flops"])} '
-        f'{ {k: round(v / 1e9, 1) for k, v in peak["per_size"].items()} }', flush=True)
 
   results: dict[str, dict] = {}
   profile_report = None
   for dtype in dtypes:
     res = {}
-    side = RestJaxSide(args.arch, dtype, np_batch)
-    side.run(max(args.warmup, 1))  # compiles
-    t = common.median_time(lambda: side.run(args.steps), warmup=0, repeats=args.repeats)
-    res['rest_jax'] = {'seconds_per_step': t['seconds'] / args.steps,
-                       'repeats_seconds_per_step': [x / args.steps for x in t['repeats']],
-                       'loss': float(side.metrics['loss'])}
-    print(f'  rest-jax {dtype}: {t["seconds"] / args.steps * 1e3:,.1f} ms/step', flush=True)
-    if args.profile and profile_report is None:
-      profile_report = profile_rest_jax(side, flops, args.profile, args)
-      profile_report['dtype'] = dtype
-    del side
+    if not args.no_rest_jax:
+      side = RestJaxSide(args.arch, dtype, np_batch)
+      side.run(max(args.warmup, 1))  # compiles
+      t = common.median_time(lambda: side.run(args.steps), warmup=0, repeats=args.repeats)
+      res['rest_jax'] = {'seconds_per_step': t['seconds'] / args.steps,
+                         'repeats_seconds_per_step': [x / args.steps for x in t['repeats']],
+                         'loss': float(side.metrics['loss'])}
+      print(f'  rest-jax {dtype}: {t["seconds"] / args.steps * 1e3:,.1f} ms/step', flush=True)
+      if args.profile and profile_report is None:
+        profile_report = profile_rest_jax(side, flops, args.profile, args)
+        profile_report['dtype'] = dtype
+      del side
     if not args.no_torch:
       tside = TorchSide(args.arch, dtype, np_batch, args.torch_threads)
       tside.run(max(args.warmup, 1))
@@ -338,12 +339,18 @@ def main(argv=None) -> dict:
                       'loss': tside.step()}
       print(f'  torch    {dtype}: {t["seconds"] / args.steps * 1e3:,.1f} ms/step', flush=True)
       del tside
+    results[dtype] = res
+
+  # Measured last, so that `--no-rest-jax` times PyTorch with no JAX computation before it.
+  peak = common.matmul_peak_flops()
+  print(f'float32 matmul peak (jax.jit(jnp.dot)): {common.fmt_flops(peak["peak_flops"])} '
+        f'{ {k: round(v / 1e9, 1) for k, v in peak["per_size"].items()} }', flush=True)
+  for res in results.values():
     for side_name in list(res):
       s = res[side_name]['seconds_per_step']
       res[side_name]['tokens_per_s'] = tokens / s
       res[side_name]['flops_per_s'] = flops['total'] / s
       res[side_name]['mfu'] = flops['total'] / s / peak['peak_flops']
-    results[dtype] = res
 
   def get(dtype, side, key):
     return results.get(dtype, {}).get(side, {}).get(key)

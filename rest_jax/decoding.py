@@ -245,14 +245,17 @@ def sample_logits(logits: jnp.ndarray, u: jnp.ndarray, *, temperature=1.0,
       are used; without, a sort-free bisection (``_nucleus_threshold``).
 
   Returns:
-    tokens [rows] int32; logp [rows] f32 log-prob of the token under the
-    sampling distribution (tempered, filtered, renormalised; 0 for greedy);
+    tokens [rows] int32, never PAD (0); logp [rows] f32 log-prob of the token under
+    the sampling distribution (PAD removed, tempered, filtered, renormalised; 0 for
+    greedy);
     logp_policy [rows] f32 = log_softmax(logits)[token]. All in nats.
   """
-  logits = logits.astype(jnp.float32)
+  policy_logits = logits.astype(jnp.float32)
+  # PAD (0) is the start token and the padding after EOS: never emitted. It is removed from the
+  # distribution that is sampled from; `logp_policy` stays the policy's own log-prob.
+  logits = policy_logits.at[:, PAD_ID].set(NEG_INF)
   vocab = logits.shape[-1]
   u = 1.0 - u  # (0, 1]: never selects a leading zero-probability entry.
-  lse = None
 
   static_t = isinstance(temperature, (int, float, np.floating, np.integer))
   if static_t and float(temperature) <= MIN_TEMPERATURE:
@@ -287,17 +290,12 @@ def sample_logits(logits: jnp.ndarray, u: jnp.ndarray, *, temperature=1.0,
       tok = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
       tok = j
-      if static_t and float(temperature) == 1.0 and not use_p:
-        lse = m0[:, 0] + jnp.log(total)  # reuse: policy == sampling distribution
-      else:  # share the row max
-        lse = m0[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m0), axis=-1))
     if not static_t:
       greedy = t <= MIN_TEMPERATURE
       tok = jnp.where(greedy, _argmax(logits), tok)
       logp = jnp.where(greedy, 0.0, logp)
-  if lse is None:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-  logp_policy = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
+  lse = jax.nn.logsumexp(policy_logits, axis=-1)
+  logp_policy = jnp.take_along_axis(policy_logits, tok[:, None], axis=-1)[:, 0] - lse
   return tok, logp, logp_policy
 
 
@@ -522,6 +520,9 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
         DecodingState(cur_index=i, sequences=flat_seqs, cur_token=cur_token,
                       cache=s.cache))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    # PAD is never emitted: below even a dead beam's candidates (NEG_INF + logp). Scores stay the
+    # policy's own log-probs (not renormalised without PAD), as `score_batch` computes them.
+    logp = logp.at[:, PAD_ID].set(2 * NEG_INF)
     V = logp.shape[-1]
     cand = s.live_logprobs[:, :, None] + unflatten_beam_dim(logp, B, K)
     top_lp, top_ix = lax.top_k(cand.reshape(B, K * V), 2 * K)  # [B, 2K]

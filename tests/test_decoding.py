@@ -16,6 +16,13 @@ def _log_softmax(x, axis=-1):
   return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
 
 
+def _sampling_log_softmax(x):
+  """The distribution the sampler draws from: PAD (0) is never emitted."""
+  x = np.array(x, np.float64)
+  x[..., 0] = -np.inf
+  return _log_softmax(x)
+
+
 def markov_fn(table):
   """Logits depend only on the fed token: logits = table[cur_token]."""
   table = jnp.asarray(table, jnp.float32)
@@ -126,11 +133,12 @@ def _draw_counts(logits, n, **kw):
 def test_sample_frequencies_match_softmax(temperature):
   logits = np.array([0.3, -1.0, 1.2, 0.0, 0.8, -0.5, 2.0, 0.1])
   freq, toks, out = _draw_counts(logits, 8192, temperature=temperature)
-  expected = np.exp(_log_softmax(logits / temperature))
+  expected = np.exp(_sampling_log_softmax(logits / temperature))
   np.testing.assert_allclose(freq, expected, atol=0.02)
-  # Log-probs: sampling distribution = tempered softmax; policy = untempered.
+  assert freq[0] == 0  # PAD is never drawn.
+  # Log-probs: sampling distribution = tempered softmax without PAD; policy = untempered.
   np.testing.assert_allclose(out.token_logprobs[0, :, 0],
-                             _log_softmax(logits / temperature)[toks], rtol=1e-5)
+                             _sampling_log_softmax(logits / temperature)[toks], rtol=1e-5)
   np.testing.assert_allclose(out.token_logprobs_policy[0, :, 0],
                              _log_softmax(logits)[toks], rtol=1e-5)
 
@@ -142,7 +150,7 @@ def test_sample_frequencies_large_vocab_two_level_cdf():
   hot = [0, 5, 44, 45, 777, 1500, 2002]
   logits[hot] = [1.0, 2.0, 0.5, 1.5, 1.0, 0.0, 2.5]
   freq, _, _ = _draw_counts(logits, 8192)
-  expected = np.exp(_log_softmax(logits))
+  expected = np.exp(_sampling_log_softmax(logits))
   np.testing.assert_allclose(freq[hot], expected[hot], atol=0.02)
   cold = np.setdiff1d(np.arange(V), hot)
   assert abs(freq[cold].sum() - expected[cold].sum()) < 0.02
@@ -216,7 +224,7 @@ def test_eos_padding_and_logprob_bookkeeping():
       assert (tlp[b, j, length:] == 0).all() and (tpol[b, j, length:] == 0).all()
       prev = np.concatenate([[0], row[:-1]])
       pol = _log_softmax(table[prev])[np.arange(L), row]
-      samp = _log_softmax(table[prev] / 0.7)[np.arange(L), row]
+      samp = _sampling_log_softmax(table[prev] / 0.7)[np.arange(L), row]
       np.testing.assert_allclose(tpol[b, j, :length], pol[:length], rtol=1e-4, atol=1e-5)
       np.testing.assert_allclose(tlp[b, j, :length], samp[:length], rtol=1e-4, atol=1e-5)
   assert saw_eos and saw_full
@@ -366,8 +374,8 @@ def test_beam_search_cache_reordering_matches_sequence_model():
 
 
 def test_beam_search_without_eos_returns_live_beams():
-  V = 5
-  table = np.log(np.array([1e-9, 1e-9, .5, .3, .2]))  # EOS never likely
+  V = 6  # 2K = 4 candidates a step: tokens 2-5 always beat EOS, so no hypothesis finishes.
+  table = np.log(np.array([1e-9, 1e-9, .5, .2, .2, .1]))  # EOS never likely
   fn = index_fn(np.tile(table, (4, 1)))
   out = jax.jit(lambda c: decoding.beam_search(
       c, fn, batch_size=1, max_decode_len=4, eos_id=EOS, beam_size=2,
@@ -377,3 +385,20 @@ def test_beam_search_without_eos_returns_live_beams():
   np.testing.assert_allclose(out.logprobs[0, 0], 4 * np.log(.5), rtol=1e-4)
   np.testing.assert_array_equal(out.lengths[0], [4, 4])
   assert out.scores[0, 0] >= out.scores[0, 1]
+
+
+def test_pad_is_never_emitted_but_policy_logprob_is_the_models():
+  logits = jnp.array([[5.0, 1.0, 0.5, 0.2]])  # PAD (0) is the most likely "token".
+  ttl = lambda state: (jnp.tile(logits, (state.cur_token.shape[0], 1)), state.cache)
+  cache = jnp.zeros((1, 1))
+  greedy = decoding.greedy_decode(cache, ttl, batch_size=1, max_decode_len=1, eos_id=1)
+  assert int(greedy.tokens[0, 0, 0]) == 1  # The best non-PAD token.
+  out = decoding.temperature_sample(cache, ttl, batch_size=1, max_decode_len=1, eos_id=1,
+                                    rng=jax.random.PRNGKey(0), num_decodes=512,
+                                    temperature=1.0)
+  toks = np.asarray(out.tokens[0, :, 0])
+  assert 0 not in toks
+  log_policy = np.asarray(jax.nn.log_softmax(logits[0]))
+  np.testing.assert_allclose(out.token_logprobs_policy[0, :, 0], log_policy[toks], rtol=1e-5)
+  masked = np.asarray(jax.nn.log_softmax(logits[0, 1:]))  # Sampling distribution: PAD removed.
+  np.testing.assert_allclose(out.token_logprobs[0, :, 0], masked[toks - 1], rtol=1e-5)
