@@ -25,7 +25,7 @@ setuptools.setup(
     install_requires=_requirements('requirements.txt'),
     extras_require={
         # Peers the benchmarks compare against (issue: side-by-side throughput).
-        'bench': ['torch==2.13.0', 'transformers==4.57.1', 'ctranslate2==4.6.0'],
+        'bench': ['torch==2.13.0', 'transformers==5.23.0', 'ctranslate2==4.8.5', 'sacremoses==0.2.0'],
         # Cloud launches of the gin configs (xm_launch/).
         'launch': ['xmanager==0.8.5.post1'],
     },

@@ -303,7 +303,6 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   common.warn_if_busy()
 
-  import jax
   dtypes = ['float32', 'bfloat16'] if args.dtype == 'both' else [args.dtype]
   np_batch = make_batch(args.batch, args.src_len, args.tgt_len)
   tokens = args.batch * args.tgt_len

@@ -432,7 +432,9 @@ def grow(output_dir: str,
                len(todo), output_dir)
 
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
-  detokenize = detokenize or input_pipeline.detokenizer(task)
+  if detokenize is None:
+    input_pipeline.check_vocab_size(task, model.config.vocab_size)
+    detokenize = input_pipeline.detokenizer(task)
   if todo:
     t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
     shapes = {'encoder_input_tokens': (1, task_data.arrays['encoder_input_tokens'].shape[1]),

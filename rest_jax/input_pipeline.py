@@ -53,6 +53,18 @@ def get_vocabulary(task_name: str):
   return get_task(task_name).output_features['targets'].vocabulary
 
 
+def check_vocab_size(task_name: str, model_vocab_size: int) -> None:
+  """Raises ValueError if the model's embedding cannot hold every id of the task's vocabulary.
+
+  (Ids past the embedding table gather garbage silently: NaN log-probs, empty samples.)
+  """
+  size = get_vocabulary(task_name).vocab_size
+  if model_vocab_size < size:
+    raise ValueError(f'the model has vocab_size={model_vocab_size} but task {task_name!r} uses a '
+                     f'vocabulary of {size} pieces: bind models.TransformerConfig.vocab_size = '
+                     f'{size}')
+
+
 def detokenizer(task_name: str) -> Callable[[Sequence[int]], str]:
   """`ids -> text` with plain sentencepiece (stops at EOS = 1, skips PAD = 0)."""
   vocab = get_vocabulary(task_name)

@@ -90,6 +90,7 @@ def train(model_dir: str,
                                                  max_examples=max_train_examples)
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=eval_examples)
+  input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)
   logging.info('train: %d pairs (%d truncated); dev subset: %d', len(train_data),
                train_data.num_truncated, len(dev))
@@ -223,6 +224,7 @@ def evaluate(model_dir: str,
   shapes = _input_shapes(batch_size, inputs_length, targets_length)
   params = trainer_lib.restore_params(model_dir, t.abstract_state(shapes).params)
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)
   results = {}
   for split in splits:

@@ -62,3 +62,9 @@ def test_bad_flags():
     main_lib.main(['train', '--gin.train.batch_size'])
   with pytest.raises(FileNotFoundError, match='nope.gin'):
     run(['train', '--gin_file=gin_configs/runs/nope.gin'])
+
+
+def test_model_smaller_than_vocabulary_is_refused(tmp_path):
+  with pytest.raises(ValueError, match='vocab_size=64 but task .* 8000 pieces'):
+    run(['train', '--gin_file=gin_configs/runs/train_bc.gin', f'--workdir={tmp_path}',
+         '--gin.models.TransformerConfig.vocab_size=64'] + SMALL)

@@ -163,10 +163,22 @@ class Embed(nn.Module):
     logits = x @ E.T / sqrt(emb_dim) (t5x convention for a shared embedding).
     """
     cfg = self.config
-    logits = jnp.einsum('bld,vd->blv', x.astype(cfg.dtype),
-                        self.embedding.astype(cfg.dtype))
+    logits = _dense(x.astype(cfg.dtype), self.embedding.astype(cfg.dtype).T)
     logits = logits.astype(jnp.float32) * (1.0 / math.sqrt(cfg.emb_dim))
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+def _dense(x: Array, kernel: Array, in_dims: int = 1) -> Array:
+  """x [..., *in] @ kernel [*in, *out] -> [..., *out], as one 2-D matmul.
+
+  Flattening to [rows, in] @ [in, out] lets XLA's CPU backend use its plain GEMM; a batched
+  `einsum` over [batch, length, ...] ran ~25% slower on the output projection (measured with
+  benchmarks/train_throughput.py).
+  """
+  lead, inner = x.shape[:x.ndim - in_dims], x.shape[x.ndim - in_dims:]
+  out = kernel.shape[in_dims:]
+  y = x.reshape(-1, math.prod(inner)) @ kernel.reshape(math.prod(inner), -1)
+  return y.reshape(lead + out)
 
 
 def _check_length(what: str, length: int, max_len: int) -> None:
@@ -229,7 +241,7 @@ class MultiHeadAttention(nn.Module):
                         (cfg.emb_dim, cfg.num_heads, cfg.head_dim), cfg.param_dtype)
     bias = self.param(f'{name}_bias', _init(_zeros, ('heads', 'kv')),
                       (cfg.num_heads, cfg.head_dim), cfg.param_dtype)
-    y = jnp.einsum('bld,dhk->blhk', x, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+    y = _dense(x, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
     return nn.with_logical_constraint(y, ('batch', 'length', 'heads', 'kv'))
 
   @nn.compact
@@ -309,7 +321,7 @@ class MultiHeadAttention(nn.Module):
                             (cfg.num_heads, cfg.head_dim, cfg.emb_dim), cfg.param_dtype)
     out_bias = self.param('out_bias', _init(_zeros, ('embed',)), (cfg.emb_dim,),
                           cfg.param_dtype)
-    y = jnp.einsum('bqhk,hkd->bqd', out, out_kernel.astype(cfg.dtype))
+    y = _dense(out, out_kernel.astype(cfg.dtype), in_dims=2)
     y = y + out_bias.astype(cfg.dtype)
     return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
 
@@ -328,10 +340,10 @@ class MlpBlock(nn.Module):
                     (cfg.mlp_dim, cfg.emb_dim), cfg.param_dtype)
     bo = self.param('wo_bias', _init(_zeros, ('embed',)), (cfg.emb_dim,),
                     cfg.param_dtype)
-    h = jnp.einsum('bld,dm->blm', x, wi.astype(cfg.dtype)) + bi.astype(cfg.dtype)
+    h = _dense(x, wi.astype(cfg.dtype)) + bi.astype(cfg.dtype)
     h = _activation(cfg.activation)(h)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    y = jnp.einsum('blm,md->bld', h, wo.astype(cfg.dtype)) + bo.astype(cfg.dtype)
+    y = _dense(h, wo.astype(cfg.dtype)) + bo.astype(cfg.dtype)
     return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
 
 
