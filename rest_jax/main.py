@@ -3,6 +3,7 @@
     rest-jax train --gin_file=gin_configs/runs/train_bc.gin [--gin.NAME=VALUE ...] [--workdir=DIR]
     rest-jax eval  --gin_file=gin_configs/runs/train_bc.gin [--model_dir=DIR]
     rest-jax grow  --gin_file=gin_configs/runs/grow.gin --gin.grow.policy_dir="'workdir/bc'"
+    rest-jax grow  --gin_file=gin_configs/runs/grow.gin --gin.grow.policy_dir="'workdir/bc'"
 
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
