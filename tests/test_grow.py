@@ -111,7 +111,9 @@ def test_records_and_counts(straight, policy):
       assert 1 <= r['length'] <= L and 1 not in r['candidate_ids'][:-1]
       assert r['key'] == f'pair-{i}/grow_1/sample_{r["candidate_index"]}'
   # logprob_policy of a sample == the policy's teacher-forced score of it; same for the reference.
-  done = [r for r in records if r['candidate_ids'][-1] == 1][:8]
+  finished = [r for r in records if r['candidate_ids'][-1] == 1]
+  done = ([r for r in finished if r['origin'] == 'reference'][:4] +
+          [r for r in finished if r['origin'] == 'sample'][:4])
   pad = lambda ids, n: ids + [0] * (n - len(ids))
   enc = np.array([pad(r['source_ids'], 24) for r in done], np.int32)
   tgt = np.array([pad(r['candidate_ids'], 16) for r in done], np.int32)
