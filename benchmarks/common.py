@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rest_jax import trainer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPM_MODEL = os.path.join(REPO, 'tasks', 'data', 'libreoffice_help', 'spm', 'de_en_8000.model')
 VOCAB_SIZE = 8000
@@ -257,14 +259,7 @@ def timestamp() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
-def write_json(path: str, obj: Any) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True,
-              default=lambda x: np.asarray(x).tolist())
-  os.replace(tmp, path)
+write_json = trainer.write_json  # One atomic JSON writer for the project.
 
 
 def print_table(rows: list[list[Any]], header: list[str]) -> None:

@@ -10,6 +10,7 @@ Time accounting: `max_minutes` and `eval_at_minutes` count *training* wall-clock
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -111,7 +112,6 @@ def train(model_dir: str,
   summary_path = os.path.join(model_dir, 'train_summary.json')
   summary = {'eval_at_minutes': [], 'train_seconds': 0.0}
   if restored is not None and os.path.exists(summary_path):
-    import json
     with open(summary_path) as f:
       summary = json.load(f)
     logging.info('resumed from step %d', start_step)

@@ -350,6 +350,7 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
 
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON atomically (a killed run never leaves half a file)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=True, default=lambda x: np.asarray(x).tolist())
