@@ -43,10 +43,10 @@ def _jitted_predict(model, method: str, max_decode_len: int, num_decodes: int, b
   return jax.jit(predict)
 
 
-def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Callable,
-              batch_size: int = 64, max_decode_len: int = 128, method: str = 'greedy',
-              beam_size: int = 4, beam_alpha: float = 0.6) -> list[str]:
-  """Translates `[n, src_len]` int32 sources; returns n strings.
+def predict_ids(model, params, encoder_input_tokens: np.ndarray, batch_size: int = 64,
+                max_decode_len: int = 128, method: str = 'greedy', beam_size: int = 4,
+                beam_alpha: float = 0.6) -> list[list[int]]:
+  """Decodes `[n, src_len]` int32 sources; returns n token-id lists (through EOS, no padding).
 
   Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
   zero-padded) trimmed to a length bucket, so decoding compiles once per bucket.
@@ -55,7 +55,7 @@ def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Calla
   order = np.argsort(data_lib.lengths(encoder_input_tokens), kind='stable')
   predict = _jitted_predict(model, method, max_decode_len,
                             1 if method == 'greedy' else beam_size, beam_alpha)
-  out: list[str | None] = [None] * n
+  out: list[list[int] | None] = [None] * n
   for start in range(0, n, batch_size):
     rows = order[start:start + batch_size]
     src = encoder_input_tokens[rows]
@@ -63,8 +63,15 @@ def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Calla
     batch, real = data_lib.pad_batch({'encoder_input_tokens': src}, batch_size)
     tokens = np.asarray(jax.device_get(predict(params, batch)))
     for r, t in zip(rows, tokens[:real]):
-      out[r] = detokenize(t)
+      nz = np.flatnonzero(t)
+      out[r] = [int(i) for i in t[:nz[-1] + 1]] if len(nz) else []
   return out  # type: ignore[return-value]
+
+
+def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Callable,
+              **kwargs) -> list[str]:
+  """Translates `[n, src_len]` int32 sources; returns n strings (`predict_ids` + `detokenize`)."""
+  return [detokenize(ids) for ids in predict_ids(model, params, encoder_input_tokens, **kwargs)]
 
 
 def evaluate_translation(model, params, task_data, detokenize: Callable, **kwargs

@@ -358,6 +358,7 @@ def grow(output_dir: str,
          seed: int = 0,
          grow_step: int = 1,
          max_sources: int | None = None,
+         source_every: int = 1,
          inputs_length: int = 128,
          targets_length: int = 128,
          task_data: input_pipeline.TaskData | None = None,
@@ -379,7 +380,11 @@ def grow(output_dir: str,
     chunk_size: sources per chunk file (the unit of resumption).
     seed: sampling seed; source i uses `fold_in(PRNGKey(seed), i)`.
     grow_step: which Grow of the ReST loop (1, 2, ...), stored in every record.
-    max_sources: grow only the first sources of the split (None: all).
+    max_sources: grow only the first sources of the split (None: all), counted after
+      `source_every`.
+    source_every: grow every k-th source of the split only (1: all), so that a `max_sources`
+      subset spreads over the whole split (its files are in document order) instead of its first
+      pages. `source_index` in the records is the position in this subset.
     inputs_length, targets_length: feature lengths of the tokenized split (tokens).
     task_data: an `input_pipeline.TaskData` to grow instead of loading `task`/`split` (tests).
     detokenize: ids -> text (default: the task's SentencePiece detokenizer).
@@ -400,8 +405,11 @@ def grow(output_dir: str,
   os.makedirs(output_dir, exist_ok=True)
   if task_data is None:
     cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
-    task_data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache,
-                                                max_examples=max_sources)
+    task_data = input_pipeline.cached_task_data(
+        task, split, inputs_length, targets_length, cache,
+        max_examples=max_sources if source_every == 1 else None)
+  if source_every > 1:
+    task_data = task_data.take(np.arange(0, len(task_data), source_every))
   if max_sources is not None:
     task_data = task_data.subset(max_sources)
   num_sources = len(task_data)
@@ -409,7 +417,8 @@ def grow(output_dir: str,
   settings = dict(policy_dir=os.path.abspath(policy_dir) if policy_dir else None, task=task,
                   split=split, num_decodes=num_decodes, temperature=float(temperature), topk=topk,
                   topp=float(topp), max_decode_len=max_decode_len, chunk_size=chunk_size, seed=seed,
-                  grow_step=grow_step, max_sources=max_sources, num_sources=num_sources,
+                  grow_step=grow_step, max_sources=max_sources,
+                  source_every=source_every, num_sources=num_sources,
                   inputs_length=inputs_length, targets_length=targets_length,
                   process_count=P, model_config=repr(model.config))
   settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

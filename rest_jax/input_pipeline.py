@@ -36,6 +36,13 @@ class TaskData:
   def __len__(self):
     return len(self.inputs)
 
+  def take(self, rows: Sequence[int]) -> 'TaskData':
+    """The examples at `rows` (int indices), in that order."""
+    rows = np.asarray(rows, np.int64)
+    return TaskData({k: v[rows] for k, v in self.arrays.items()},
+                    [self.inputs[i] for i in rows], [self.targets[i] for i in rows],
+                    [self.keys[i] for i in rows], self.num_truncated)
+
   def subset(self, n: int) -> 'TaskData':
     """The first `n` examples (deterministic dev subsets for periodic evaluation)."""
     return TaskData({k: v[:n] for k, v in self.arrays.items()}, self.inputs[:n], self.targets[:n],

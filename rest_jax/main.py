@@ -3,7 +3,9 @@
     rest-jax train --gin_file=gin_configs/runs/train_bc.gin [--gin.NAME=VALUE ...] [--workdir=DIR]
     rest-jax eval  --gin_file=gin_configs/runs/train_bc.gin [--model_dir=DIR]
     rest-jax grow  --gin_file=gin_configs/runs/grow.gin --gin.grow.policy_dir="'workdir/bc'"
-    rest-jax grow  --gin_file=gin_configs/runs/grow.gin --gin.grow.policy_dir="'workdir/bc'"
+    rest-jax improve --gin_file=gin_configs/runs/improve.gin --gin.improve.scored_dir=... \
+        --gin.improve.init_policy_dir=... --gin.improve.rm_dir=... [--model_dir=DIR]
+    rest-jax rest  --gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin [--workdir=DIR]
 
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
@@ -36,6 +38,8 @@ def register_gin_configurables() -> None:
   import tasks  # noqa: F401  (SeqIO tasks; `tasks.translation.*` bindings)
   from rest_jax import train  # noqa: F401  (train, evaluate, make_optimizer, create_mesh)
   from rest_jax import grow  # noqa: F401  (grow)
+  from rest_jax.rewards import check, model, scoring, train_rm  # noqa: F401  (reward side)
+  from rest_jax import filtering, improve, losses, rest  # noqa: F401  (the ReST loop)
   from rest_jax.models import encoder_decoder, transformer
   gin.external_configurable(transformer.TransformerConfig, 'TransformerConfig', module='models')
   gin.external_configurable(transformer.Transformer, 'Transformer', module='models')
@@ -84,11 +88,26 @@ def _split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return bindings, rest
 
 
+def _persistent_jit_cache(path: str) -> None:
+  """XLA's persistent compilation cache in the work directory (unless one is set already).
+
+  Every stage of the ReST loop builds its own jitted steps (and a resumed run starts afresh), but
+  they compile the same programs: the cache turns their recompilation (tens of seconds a shape
+  on 2 CPU cores) into a file read.
+  """
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    os.makedirs(path, exist_ok=True)
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=['train', 'eval', 'grow'])
+  parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'train_rm',
+                                          'score', 'rm-check'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
   parser.add_argument('--workdir', default='workdir')
@@ -100,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   parse_gin(args.gin_file, bindings, args.gin_search_path)
+  _persistent_jit_cache(os.path.join(args.workdir, 'cache', 'jit'))
   model_dir = args.model_dir or os.path.join(args.workdir, 'bc')
   from rest_jax import train as train_lib
   if args.command == 'train':
@@ -115,6 +135,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError:  # Not bound: the default.
       grow_step = 1
     grow_lib.grow(args.model_dir or os.path.join(args.workdir, f'grow_{grow_step}'))
+  elif args.command in ('train_rm', 'score', 'rm-check'):
+    # train_rm -> <workdir>/rm from <workdir>/grow_1; score -> <workdir>/scored_<g> of the bound
+    # score.grow_dir (else <workdir>/grow_1) with <workdir>/rm; rm-check of <workdir>/rm. A bound
+    # `<fn>.grow_dir` / `<fn>.rm_dir` wins; --model_dir replaces the output dir.
+    import re
+    from rest_jax.rewards import check, scoring, train_rm
+
+    def bound(name):  # The gin binding, or None.
+      try:
+        return gin.query_parameter(name)
+      except ValueError:
+        return None
+    rm_dir = args.model_dir or os.path.join(args.workdir, 'rm')
+    grow_dir = os.path.join(args.workdir, 'grow_1')
+    if args.command == 'train_rm':
+      train_rm.train_reward_model(rm_dir, **({} if bound('train_reward_model.grow_dir')
+                                             else {'grow_dir': grow_dir}))
+    elif args.command == 'score':
+      kw = {} if bound('score.grow_dir') else {'grow_dir': grow_dir}
+      m = re.search(r'grow_(\d+)/*$', bound('score.grow_dir') or grow_dir)
+      if not bound('score.rm_dir'):
+        kw['rm_dir'] = os.path.join(args.workdir, 'rm')
+      out = os.path.join(args.workdir, f'scored_{m.group(1) if m else 1}')
+      scoring.score(args.model_dir or out, **kw)
+    else:
+      check.rm_check(rm_dir, **({} if bound('rm_check.rm_dir') else {'rm_dir': rm_dir}))
+  elif args.command == 'improve':
+    from rest_jax import improve as improve_lib
+    improve_lib.improve(args.model_dir or os.path.join(args.workdir, 'improve'))
+  elif args.command == 'rest':
+    from rest_jax import rest as rest_lib
+    rest_lib.rest(args.workdir)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import os
 from typing import Any, Callable, Mapping
 
 import flax
+import flax.traverse_util
 import flax.linen as nn
 import gin
 import jax
@@ -355,3 +356,38 @@ def write_json(path: str, obj: Any) -> None:
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1, sort_keys=True, default=lambda x: np.asarray(x).tolist())
   os.replace(tmp, path)
+
+
+def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
+  """Writes params as one compressed `.npz` (keys: '/'-joined tree paths), cast to `dtype`.
+
+  For shipping a small policy with the repository (float16 halves the size; the tiny policy's
+  weights are far inside its range). Written atomically.
+  """
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def load_params_npz(path: str, target_params: Any) -> Any:
+  """Params from `save_params_npz`, cast to and laid out like `target_params` (abstract or not).
+
+  Raises:
+    ValueError: the file's tree paths or shapes differ from `target_params`'s (names them).
+  """
+  flat_target = flax.traverse_util.flatten_dict(target_params, sep='/')
+  with np.load(path) as f:
+    stored = {k: f[k] for k in f.files}
+  if set(stored) != set(flat_target):
+    raise ValueError(f'{path}: parameter names differ from the model: missing '
+                     f'{sorted(set(flat_target) - set(stored))[:5]}, unexpected '
+                     f'{sorted(set(stored) - set(flat_target))[:5]}')
+  out = {}
+  for k, t in flat_target.items():
+    if stored[k].shape != tuple(t.shape):
+      raise ValueError(f'{path}: {k} has shape {stored[k].shape}, the model {tuple(t.shape)}')
+    v = stored[k].astype(t.dtype)
+    sharding = getattr(t, 'sharding', None)
+    out[k] = jax.device_put(v, sharding) if sharding is not None else jax.numpy.asarray(v)
+  return flax.traverse_util.unflatten_dict(out, sep='/')

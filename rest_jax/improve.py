@@ -1,0 +1,303 @@
+"""`rest-jax improve`: one Improve step of ReST (Gulcehre et al. 2023, arXiv 2308.08998, sec. 2).
+
+Improve step i keeps the scored Grow records whose normalised reward exceeds tau_i
+(`rest_jax.filtering`), fine-tunes the *previous* policy on them with an offline-RL loss
+(`rest_jax.losses`, chosen by gin) at a lower learning rate, measures the reward-model reward of
+greedy translations of a dev subset every `eval_every_steps`, keeps the best checkpoint by it and
+stops once it has not improved for `patience` evaluations. The best policy seeds the next step.
+
+Parameters during Improve are `{'policy', 'aux', 'prior'}` (see `losses`): the policy being
+fine-tuned, loss-owned trainable parameters (the value head of `oac`) and, for losses with a KL
+term, the frozen BC policy (the optimizer leaves it untouched: `optax.set_to_zero`). The best
+checkpoint (`<model_dir>/best`) holds the *policy params only*, in the layout of a `rest-jax train`
+run, so `trainer.restore_params(model_dir, ...)` reads an Improve step like a BC run (Grow, eval
+and the next Improve step all do). `<model_dir>/checkpoints` holds the whole state for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from rest_jax import data as data_lib
+from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning
+from rest_jax import trainer as trainer_lib
+
+
+class _ImproveModel:
+  """The policy plus the loss's own params, as one model for `trainer.Trainer`.
+
+  `get_initial_variables` returns {'params': {'policy', 'aux'[, 'prior']}}: the policy's boxed
+  (logically partitioned) params, the loss's aux params (replicated), and a copy of the policy
+  layout for the frozen prior.
+  """
+
+  def __init__(self, model, loss_name: str, with_prior: bool):
+    self.model = model
+    self.loss_name = loss_name
+    self.with_prior = with_prior
+
+  @property
+  def config(self):
+    return self.model.config
+
+  def get_initial_variables(self, rng, input_shapes):
+    policy = self.model.get_initial_variables(rng, input_shapes)['params']
+    params = {'policy': policy,
+              'aux': losses.init_aux_params(self.loss_name, self.model, jax.random.fold_in(rng, 1))}
+    if self.with_prior:
+      params['prior'] = policy
+    return {'params': params}
+
+
+def _optimizer(with_prior: bool) -> optax.GradientTransformation:
+  """`make_optimizer` in the gin scope `improve` (its lower learning rate); the prior is frozen."""
+  with gin.config_scope('improve'):
+    opt = trainer_lib.make_optimizer()
+  if not with_prior:
+    return opt
+  labels = lambda params: {k: jax.tree.map(lambda _: 'frozen' if k == 'prior' else 'train', v)
+                           for k, v in params.items()}
+  return optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, labels)
+
+
+def records_to_arrays(records: Sequence[Mapping[str, Any]], inputs_length: int,
+                      targets_length: int) -> dict[str, np.ndarray]:
+  """Scored Grow records -> training features (`input_pipeline.pad_features`) + per-record fields.
+
+  Returns:
+    encoder_input_tokens [n, inputs_length] int32, decoder_{input,target}_tokens [n,
+    targets_length] int32, decoder_loss_weights [n, targets_length] float32, reward [n] float32,
+    source_index [n] int64. Ids longer than the feature lengths are cut (EOS kept last).
+  """
+  def cut(ids, n):
+    ids = list(ids)
+    return ids if len(ids) <= n else ids[:n - 1] + [ids[-1]]
+  feats = input_pipeline.pad_features([cut(r['source_ids'], inputs_length) for r in records],
+                                      [cut(r['candidate_ids'], targets_length) for r in records],
+                                      inputs_length, targets_length)
+  feats['reward'] = np.array([r['reward'] for r in records], np.float32)
+  feats['source_index'] = np.array([r['source_index'] for r in records], np.int64)
+  return feats
+
+
+def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode: str,
+                         inputs_length: int, targets_length: int, batch_size: int
+                         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The kept records of one Improve step as training arrays, and the filtering stats.
+
+  `source_baseline` (the mean reward of all of a source's records, before filtering) is added for
+  the losses that need an advantage. Fewer kept records than one batch are tiled to fill it.
+
+  Raises:
+    ValueError: no record passes the threshold, or a NaN reward (from `filtering`).
+  """
+  arrays = records_to_arrays(records, inputs_length, targets_length)
+  rewards, sources = arrays['reward'], arrays['source_index']
+  keep = filtering.filter_records(rewards, sources, tau, mode)
+  stats = filtering.filter_stats(keep, sources)
+  stats.update(tau=float(tau), mode=mode,
+               mean_reward_kept=float(rewards[keep].mean()) if keep.any() else float('nan'),
+               mean_reward_all=float(rewards.mean()))
+  if not keep.any():
+    raise ValueError(f'no record has reward > tau = {tau} ({mode}); max reward '
+                     f'{float(rewards.max()):.4f}: lower the threshold')
+  arrays['source_baseline'] = filtering.source_baselines(rewards, sources)
+  rows = np.flatnonzero(keep)
+  if len(rows) < batch_size:
+    rows = np.resize(rows, batch_size)
+  out = {k: v[rows] for k, v in arrays.items() if k != 'source_index'}
+  return out, stats
+
+
+def dev_reward(model, params, dev: input_pipeline.TaskData, scorer, detokenize: Callable,
+               max_decode_len: int = 128, batch_size: int = 64) -> dict[str, float]:
+  """Greedy translations of `dev`: mean learned-RM reward (0-100), sacreBLEU and chrF."""
+  ids = evaluation.predict_ids(model, params, dev.arrays['encoder_input_tokens'],
+                               batch_size=batch_size, max_decode_len=max_decode_len)
+  src = [r[:int(n)] for r, n in zip(dev.arrays['encoder_input_tokens'],
+                                    data_lib.lengths(dev.arrays['encoder_input_tokens']))]
+  reward = scorer.score_ids([list(map(int, s)) for s in src], ids)
+  m = evaluation.corpus_metrics([detokenize(i) for i in ids], dev.targets)
+  return {'reward': 100.0 * float(np.mean(reward)), 'bleu': m['bleu'], 'chrf': m['chrf']}
+
+
+@gin.configurable(denylist=['model_dir'])
+def improve(model_dir: str,
+            model=gin.REQUIRED,
+            scored_dir: str = gin.REQUIRED,
+            init_policy_dir: str = gin.REQUIRED,
+            rm_dir: str | None = None,
+            prior_policy_dir: str | None = None,
+            task: str = 'libreoffice_help_de_en',
+            tau: float = 0.0,
+            threshold_mode: str = 'absolute',
+            loss: str = 'bc',
+            batch_size: int = 64,
+            inputs_length: int = 128,
+            targets_length: int = 128,
+            num_steps: int = 300,
+            max_minutes: float | None = None,
+            eval_every_steps: int = 50,
+            patience: int = 2,
+            dev_examples: int = 200,
+            max_decode_len: int = 128,
+            kl_anneal: tuple[float, float] = (1.0, 1e-5),
+            seed: int = 0,
+            records: Sequence[Mapping[str, Any]] | None = None,
+            scorer=None) -> dict[str, Any]:
+  """One Improve step: filter at `tau`, fine-tune `init_policy_dir`'s policy, keep the best by RM.
+
+  Args:
+    model_dir: output (best/ = best policy params, checkpoints/, improve_summary.json).
+    model: the policy's `EncoderDecoderModel` (gin: `MODEL`).
+    scored_dir: a `rest-jax score` output (records with a normalised `reward` in [0, 1]).
+    init_policy_dir: the previous policy (a BC run or the previous Improve step).
+    rm_dir: the learned reward model for the dev reward (`rewards.model.load_reward_model`).
+    prior_policy_dir: the BC policy, for losses with a KL to it (`bvmpo`); default
+      `init_policy_dir`.
+    task: SeqIO task (dev split, vocabulary).
+    tau, threshold_mode: this step's threshold, 'absolute' or 'percentile' (`filtering`).
+    loss: a registered loss name (`losses.LOSSES`).
+    batch_size: records per step.
+    num_steps, max_minutes: budget of the step (optimizer steps, training minutes).
+    eval_every_steps: dev reward period (steps); also at step 0 (the starting policy).
+    patience: stop after this many evaluations without a new best dev reward.
+    dev_examples: first dev pairs used for the dev reward.
+    kl_anneal: (start, end) of the KL weight, annealed geometrically over `num_steps`.
+    seed: data order and dropout seed.
+    records, scorer: in-memory scored records and reward scorer (tests); default: read
+      `scored_dir`, load `rm_dir`.
+
+  Returns:
+    The summary (also `model_dir/improve_summary.json`): filtering stats, steps, minutes, the dev
+    reward history, the best dev reward and its step.
+
+  Raises:
+    ValueError: no record passes the threshold; NaN rewards; unknown loss.
+  """
+  start = time.perf_counter()
+  os.makedirs(model_dir, exist_ok=True)
+  summary_path = os.path.join(model_dir, 'improve_summary.json')
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    if summary.get('complete'):
+      logging.info('improve: %s is complete', model_dir)
+      return summary
+  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    f.write(gin.config_str())
+  if records is None:
+    from rest_jax.rewards import scoring
+    records = scoring.read_scored_records(scored_dir)
+  if scorer is None:
+    from rest_jax.rewards import model as rm_model
+    scorer = rm_model.load_reward_model(rm_dir)
+  arrays, stats = select_training_data(records, tau, threshold_mode, inputs_length,
+                                       targets_length, batch_size)
+  logging.info('improve: tau %.2f (%s) keeps %d of %d records, %d of %d sources', tau,
+               threshold_mode, stats['kept_records'], stats['total_records'],
+               stats['distinct_sources'], stats['total_sources'])
+  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
+                                        max_examples=dev_examples)
+  detok = input_pipeline.detokenizer(task)
+
+  with_prior = losses.needs_prior(loss)
+  wrapped = _ImproveModel(model, loss, with_prior)
+  loss_fn = losses.make_loss_fn(model, loss)
+  mesh = partitioning.create_mesh()
+  t = trainer_lib.Trainer(wrapped, _optimizer(with_prior), mesh, loss_fn=loss_fn, seed=seed)
+  shapes = {'encoder_input_tokens': (batch_size, inputs_length),
+            'decoder_input_tokens': (batch_size, targets_length)}
+  abstract = t.abstract_state(shapes).params
+  policy = trainer_lib.restore_params(init_policy_dir, abstract['policy'])
+  params = {'policy': policy,
+            'aux': nn.meta.unbox(losses.init_aux_params(loss, model, jax.random.PRNGKey(seed)))}
+  if with_prior:
+    params['prior'] = trainer_lib.restore_params(prior_policy_dir or init_policy_dir,
+                                                 abstract['prior'])
+  state = t.init_state(shapes, params=params)
+  ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_reward')
+  restored = ckpt.restore_latest(state)
+  history: list[dict] = []
+  if restored is not None:
+    state = restored
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        history = json.load(f).get('history', [])
+  step = int(jax.device_get(state.step))
+  train_seconds = history[-1]['train_seconds'] if history else 0.0
+
+  def policy_view(s):  # `save_best` stores `.params` only: the policy, in BC-run layout.
+    return trainer_lib.TrainState(step=s.step, params=s.params['policy'], opt_state=None)
+
+  def evaluate(s):
+    m = dev_reward(model, s.params['policy'], dev, scorer, detok, max_decode_len)
+    is_best = ckpt.save_best(policy_view(s), {'dev_reward': m['reward'], 'dev_bleu': m['bleu'],
+                                              'dev_chrf': m['chrf']})
+    entry = dict(m, step=int(jax.device_get(s.step)), train_seconds=train_seconds, best=is_best)
+    history.append(entry)
+    tqdm.write(f'[improve {os.path.basename(model_dir)} step {entry["step"]}] dev reward '
+               f'{m["reward"]:.2f} BLEU {m["bleu"]:.2f} chrF {m["chrf"]:.2f}'
+               + (' (best)' if is_best else ''))
+    ckpt.save(s)
+    trainer_lib.write_json(summary_path, {'history': history, 'filter': stats})
+    return entry
+
+  if not history:
+    evaluate(state)
+  batcher = data_lib.ArrayBatcher(arrays, batch_size, seed=seed)
+  start_kl, end_kl = kl_anneal
+  bar = tqdm(total=num_steps, initial=step, desc=f'improve {os.path.basename(model_dir)}',
+             unit='step', dynamic_ncols=True, mininterval=2.0)
+  clock = time.perf_counter()
+  metrics: dict = {}
+  stale = sum(1 for _ in _since_best(history))
+  while step < num_steps and stale < patience:
+    if max_minutes is not None and train_seconds >= max_minutes * 60:
+      break
+    batch = batcher.batch_at(step)
+    batch['kl_weight'] = np.full((batch_size,), losses.kl_weight_schedule(
+        step, num_steps, start_kl, end_kl), np.float32)
+    state, metrics = t.train_step(state, partitioning.shard_batch(batch, mesh))
+    step += 1
+    if step % 10 == 0:
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    if step % eval_every_steps == 0 or step == num_steps:
+      train_seconds += time.perf_counter() - clock
+      evaluate(state)
+      clock = time.perf_counter()
+      stale = sum(1 for _ in _since_best(history))
+  bar.close()
+  if not history or history[-1]['step'] != step:
+    train_seconds += time.perf_counter() - clock
+    evaluate(state)
+  best = max(history, key=lambda e: e['reward'])
+  summary = dict(history=history, filter=stats, loss=loss, tau=float(tau),
+                 threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
+                 best_dev_reward=best['reward'], best_step=best['step'],
+                 stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),
+                 wall_seconds=time.perf_counter() - start, complete=True,
+                 final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
+  trainer_lib.write_json(summary_path, summary)
+  return summary
+
+
+def _since_best(history):
+  """The evaluations after the best one (the stale streak that early stopping counts)."""
+  if not history:
+    return []
+  best = max(range(len(history)), key=lambda i: history[i]['reward'])
+  return history[best + 1:]

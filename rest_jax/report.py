@@ -1,0 +1,192 @@
+"""The ReST loop's report: `report.json`, `report.md` (the paper's Table 1 shape) and PNG plots.
+
+Table 1 of Gulcehre et al. 2023 lists the average reward-model score of BC, of ReST after Grow 1
+with Improve steps I = 0 .. I_max, and after Grow 2; we add test BLEU / chrF (reference metrics,
+sacreBLEU signatures in the footer), the number of records each Improve step trained on, the
+distinct samples of each Grow and each stage's minutes. The reward-hacking alarm (the paper's PPO
+raised its reward while losing about 8 BLEU) fires when a stage's test RM reward rises while its
+test BLEU falls by more than `alarm_bleu_drop` points, against the previous stage or BC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from rest_jax import trainer as trainer_lib
+
+STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'distinct_sources',
+              'dev_reward', 'test_reward', 'dev_bleu', 'test_bleu', 'dev_chrf', 'test_chrf',
+              'minutes', 'stage_minutes', 'steps', 'best_step')
+
+
+def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float = 1.0) -> list[dict]:
+  """Stages whose test RM reward rose while test BLEU fell by more than `bleu_drop` points.
+
+  Each stage is compared with the stage before it and with the first stage (BC).
+  """
+  alarms = []
+  for k, st in enumerate(stages[1:], start=1):
+    for ref in {stages[k - 1]['name']: stages[k - 1], stages[0]['name']: stages[0]}.values():
+      if (st['test_reward'] > ref['test_reward']
+          and ref['test_bleu'] - st['test_bleu'] > bleu_drop):
+        alarms.append(dict(stage=st['name'], versus=ref['name'],
+                           reward_change=st['test_reward'] - ref['test_reward'],
+                           bleu_change=st['test_bleu'] - ref['test_bleu'],
+                           message=f"reward hacking? {st['name']} vs {ref['name']}: test RM reward "
+                                   f"{ref['test_reward']:.2f} -> {st['test_reward']:.2f} while "
+                                   f"test BLEU {ref['test_bleu']:.2f} -> {st['test_bleu']:.2f}"))
+  return alarms
+
+
+def build_report(stages: Sequence[dict], grows: Sequence[dict], best_of_n: dict,
+                 alarm_bleu_drop: float, taus: Sequence[float], mode: str, loss: str,
+                 total_minutes: float) -> dict[str, Any]:
+  """The report dict (see the module docstring); prints the alarms."""
+  alarms = reward_hacking_alarms(stages, alarm_bleu_drop)
+  for a in alarms:
+    print('ALARM:', a['message'])
+  sig = next((s.get('bleu_signature') for s in stages if s.get('bleu_signature')), None)
+  return {
+      'stages': [{k: st.get(k) for k in STAGE_KEYS} for st in stages],
+      'grows': [dict(grow=g['grow'], samples_kept=g['counts']['samples_kept'],
+                     samples_drawn=g['counts']['samples_drawn'],
+                     sources=g['counts']['sources'], records=g['counts']['records'],
+                     grow_minutes=g['grow_minutes'], score_minutes=g['score_minutes'],
+                     scored_dir=g['scored_dir']) for g in grows],
+      'best_of_n': best_of_n,
+      'alarms': alarms,
+      'thresholds': {'taus': list(taus), 'mode': mode},
+      'loss': loss,
+      'bleu_signature': sig,
+      'chrf_signature': next((s.get('chrf_signature') for s in stages
+                              if s.get('chrf_signature')), None),
+      'minutes_this_invocation': total_minutes,
+      'minutes_total': float(sum(s.get('minutes') or 0.0 for s in stages)
+                             + sum(g['grow_minutes'] + g['score_minutes'] for g in grows)
+                             + sum(b.get('minutes', 0.0) for b in best_of_n.values())),
+  }
+
+
+def _fmt(v, spec='.2f'):
+  return '' if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> str:
+  """`report.md`: stage table (Table 1 shape), Grow table, best-of-N table, alarms, signatures."""
+  samples = {g['grow']: g['samples_kept'] for g in report['grows']}
+  lines = ['# ReST report', '',
+           f"Loss `{report['loss']}`; thresholds {report['thresholds']['taus']} "
+           f"({report['thresholds']['mode']}). Rewards: learned reward model, 0-100. BLEU / chrF: "
+           'greedy decoding.', '',
+           '| stage | G | I | tau | train records | distinct samples | dev reward | test reward '
+           '| test BLEU | test chrF | minutes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for s in report['stages']:
+    lines.append(
+        f"| {s['name']} | {s['grow'] or ''} | {_fmt(s['improve'])} | {_fmt(s['tau'])} "
+        f"| {_fmt(s['num_train_records'])} | {_fmt(samples.get(s['grow']))} "
+        f"| {_fmt(s['dev_reward'])} | {_fmt(s['test_reward'])} | {_fmt(s['test_bleu'])} "
+        f"| {_fmt(s['test_chrf'])} | {_fmt(s['minutes'], '.1f')} |")
+  lines += ['', '| Grow | sources | samples drawn | distinct samples kept | records | Grow min '
+            '| score min |', '|---|---|---|---|---|---|---|']
+  for g in report['grows']:
+    lines.append(f"| {g['grow']} | {g['sources']} | {g['samples_drawn']} | {g['samples_kept']} "
+                 f"| {g['records']} | {g['grow_minutes']:.1f} | {g['score_minutes']:.1f} |")
+  if report['best_of_n']:
+    ns = next(iter(report['best_of_n'].values()))['n']
+    lines += ['', 'Best-of-N reranked by the reward model (test reward / test BLEU):', '',
+              '| policy | ' + ' | '.join(f'N={n}' for n in ns) + ' |',
+              '|---|' + '---|' * len(ns)]
+    for name, b in report['best_of_n'].items():
+      lines.append(f'| {name} | ' + ' | '.join(
+          f'{r:.2f} / {bl:.2f}' for r, bl in zip(b['reward'], b['bleu'])) + ' |')
+  lines += ['', '## Reward-hacking alarms', '']
+  lines += [f"- {a['message']}" for a in report['alarms']] or ['none']
+  lines += ['', f"BLEU signature: `{report['bleu_signature']}`",
+            f"chrF signature: `{report['chrf_signature']}`",
+            f"Total minutes (stages + evaluation): {report['minutes_total']:.1f}", '']
+  return '\n'.join(lines)
+
+
+def plots(workdir: str, report: dict, grow_rewards: dict[int, np.ndarray] | None = None
+          ) -> list[str]:
+  """PNG plots in `workdir/plots/`: reward per stage, reward histogram per Grow with the
+  thresholds drawn, RM reward vs BLEU per stage, best-of-N curves. Returns the paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  out_dir = os.path.join(workdir, 'plots')
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  stages = report['stages']
+  names = [s['name'] for s in stages]
+
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for split in ('dev', 'test'):
+    ax.plot(names, [s[f'{split}_reward'] for s in stages], marker='o', label=f'{split} reward')
+  ax.set_ylabel('RM reward (0-100)')
+  ax.set_title('Reward per ReST stage')
+  ax.legend()
+  paths.append(_save(fig, out_dir, 'reward_per_stage.png'))
+
+  for g, rewards in (grow_rewards or {}).items():
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(rewards, bins=40, range=(0, 1), color='tab:blue', alpha=0.8)
+    taus = report['thresholds']['taus']
+    mode = report['thresholds']['mode']
+    used = [s['tau'] for s in stages if s['grow'] == g and s['tau'] is not None]
+    for tau in used:
+      x = tau if mode == 'absolute' else float(np.quantile(rewards, tau))
+      ax.axvline(x, color='tab:red', ls='--')
+      ax.text(x, ax.get_ylim()[1] * 0.95, f'{tau:g}', color='tab:red', ha='right')
+    ax.set_xlabel('normalised reward' + (' (lines: pooled quantiles of the per-source '
+                                         'percentile thresholds)' if mode != 'absolute' else ''))
+    ax.set_title(f'Grow {g}: reward of every record ({len(rewards)}); thresholds {taus[:len(used)]}')
+    paths.append(_save(fig, out_dir, f'reward_hist_grow_{g}.png'))
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ax.plot([s['test_bleu'] for s in stages], [s['test_reward'] for s in stages], marker='o')
+  for s in stages:
+    ax.annotate(s['name'], (s['test_bleu'], s['test_reward']))
+  ax.set_xlabel('test BLEU')
+  ax.set_ylabel('test RM reward')
+  ax.set_title('RM reward vs BLEU per stage')
+  paths.append(_save(fig, out_dir, 'reward_vs_bleu.png'))
+
+  if report['best_of_n']:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, b in report['best_of_n'].items():
+      ax.plot(b['n'], b['reward'], marker='o', label=name)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('N (samples reranked by the RM)')
+    ax.set_ylabel('test RM reward of the pick')
+    ax.set_title('Best-of-N')
+    ax.legend()
+    paths.append(_save(fig, out_dir, 'best_of_n.png'))
+  return paths
+
+
+def _save(fig, out_dir, name):
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def write_report(workdir: str, report: dict) -> None:
+  """Writes `report.json`, `report.md` and the plots (histograms from the scored Grow records)."""
+  from rest_jax.rewards import scoring
+  grow_rewards = {g['grow']: np.array([r['reward'] for r in
+                                       scoring.read_scored_records(g['scored_dir'])])
+                  for g in report['grows']}
+  report['plots'] = [os.path.relpath(p, workdir) for p in plots(workdir, report, grow_rewards)]
+  trainer_lib.write_json(os.path.join(workdir, 'report.json'), report)
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(markdown(report))
+  print(markdown(report))

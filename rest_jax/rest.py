@@ -1,0 +1,284 @@
+"""`rest-jax rest`: the ReST loop (Gulcehre et al. 2023, arXiv 2308.08998, Algorithm 1).
+
+    BC policy -> for g = 1..G: Grow_g -> score_g -> Improve_{g,0..I}  -> evaluation, report
+
+All stages live in one work directory, each in its own folder with a completion marker
+(`stage.json`: the stage's result and timing) and its gin config:
+
+    bc/                 the starting policy (trained here, or imported from a shipped checkpoint)
+    grow_<g>/           Grow g (`rest_jax.grow`): samples of the current policy, chunked TFRecords
+    rm/                 the learned reward model, trained once on grow_1 (`rewards.train_rm`)
+    scored_<g>/         grow_<g> scored by the reward model (`rewards.scoring`)
+    improve_<g>_<i>/    Improve step i of Grow g at threshold tau_i (`rest_jax.improve`)
+    report.json, report.md, plots/
+
+A killed loop resumes at the stage where it stopped (Grow, scoring and Improve also resume inside
+the stage, from their chunks and checkpoints). Stage names in the report follow the paper's Table
+1: `bc`, `G1I0` (Grow 1, Improve step 0 at tau_0 = 0.0: all records), `G1I2`, `G2I0`, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from rest_jax import data as data_lib
+from rest_jax import evaluation, filtering, grow as grow_lib, improve as improve_lib
+from rest_jax import input_pipeline, partitioning, report as report_lib
+from rest_jax import trainer as trainer_lib
+
+STAGE_FILE = 'stage.json'
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stage_done(stage_dir: str) -> dict | None:
+  path = os.path.join(stage_dir, STAGE_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _mark_done(stage_dir: str, result: dict) -> dict:
+  os.makedirs(stage_dir, exist_ok=True)
+  with open(os.path.join(stage_dir, 'config.gin'), 'w') as f:
+    f.write(gin.config_str())
+  trainer_lib.write_json(os.path.join(stage_dir, STAGE_FILE), result)
+  return result
+
+
+def _run_stage(stage_dir: str, fn, *args, **kwargs) -> dict:
+  """Runs `fn` unless `stage_dir` is marked done; records its wall time in minutes."""
+  done = _stage_done(stage_dir)
+  if done is not None:
+    logging.info('rest: %s already done (%.1f min)', stage_dir, done.get('minutes', 0.0))
+    return done
+  start = time.perf_counter()
+  result = fn(*args, **kwargs) or {}
+  result = dict(result, minutes=(time.perf_counter() - start) / 60)
+  tqdm.write(f'[rest] {os.path.basename(stage_dir)} done in {result["minutes"]:.1f} min')
+  return _mark_done(stage_dir, result)
+
+
+def _policy_params(model, policy_dir: str, mesh):
+  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
+  shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
+  return trainer_lib.restore_params(policy_dir, t.abstract_state(shapes).params)
+
+
+def import_policy(model_dir: str, model, params_file: str) -> dict:
+  """Makes `model_dir` a BC run whose best checkpoint holds the params of `params_file` (.npz)."""
+  if not os.path.exists(params_file) and not os.path.isabs(params_file):
+    params_file = os.path.join(_ROOT, params_file)  # Relative to the repository.
+  mesh = partitioning.create_mesh()
+  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
+  shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
+  params = trainer_lib.load_params_npz(params_file, t.abstract_state(shapes).params)
+  ckpt = trainer_lib.Checkpointer(model_dir, best_metric='imported')
+  ckpt.save_best(trainer_lib.TrainState(step=np.int32(0), params=params, opt_state=None),
+                 {'imported': 1.0})
+  return {'imported_from': os.path.abspath(params_file)}
+
+
+def _sources(data: input_pipeline.TaskData) -> list[list[int]]:
+  enc = data.arrays['encoder_input_tokens']
+  return [[int(t) for t in row[:n]] for row, n in zip(enc, data_lib.lengths(enc))]
+
+
+@gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize'])
+def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
+                    max_decode_len: int = 128, batch_size: int = 64) -> dict[str, Any]:
+  """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF."""
+  params = _policy_params(model, policy_dir, partitioning.create_mesh())
+  out = {}
+  for split, data in (('dev', dev), ('test', test)):
+    ids = evaluation.predict_ids(model, params, data.arrays['encoder_input_tokens'],
+                                 batch_size=batch_size, max_decode_len=max_decode_len)
+    reward = scorer.score_ids(_sources(data), ids)
+    m = evaluation.corpus_metrics([detokenize(i) for i in ids], data.targets)
+    out[f'{split}_reward'] = 100.0 * float(np.mean(reward))
+    out[f'{split}_bleu'] = m['bleu']
+    out[f'{split}_chrf'] = m['chrf']
+    out['bleu_signature'] = m['bleu_signature']
+    out['chrf_signature'] = m['chrf_signature']
+    out[f'{split}_sentences'] = m['num_sentences']
+  return out
+
+
+@gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'test', 'detokenize'])
+def best_of_n(model, policy_dir: str, scorer, test, detokenize,
+              ns: Sequence[int] = (1, 4, 16, 64), temperature: float = 0.8,
+              seed: int = 0, batch_size: int = 16, max_decode_len: int = 128) -> dict[str, Any]:
+  """Best-of-N reranking by the reward model (ReST sec. 5): for each N, the RM's favourite of N
+  samples per test source. The N-candidate sets are nested (the first N of max(ns) samples).
+
+  Returns:
+    {'n': [...], 'reward': [mean RM reward of the picked candidate, 0-100], 'bleu': [corpus
+    sacreBLEU of the picked candidates], 'chrf': [...], 'sources': int}.
+  """
+  mesh = partitioning.create_mesh()
+  params = _policy_params(model, policy_dir, mesh)
+  n_max = max(ns)
+  enc = test.arrays['encoder_input_tokens']
+  samples = grow_lib.sample_candidates(model, params, enc, np.arange(len(enc)), seed=seed,
+                                       num_decodes=n_max, temperature=temperature,
+                                       max_decode_len=max_decode_len, mesh=mesh,
+                                       batch_size=batch_size)
+  src = _sources(test)
+  cands = [[[int(t) for t in samples['tokens'][b, j, :samples['lengths'][b, j]]]
+            for j in range(n_max)] for b in range(len(enc))]
+  flat = [c for row in cands for c in row]
+  rewards = scorer.score_ids([s for s in src for _ in range(n_max)], flat).reshape(len(enc), n_max)
+  out = {'n': list(ns), 'reward': [], 'bleu': [], 'chrf': [], 'sources': len(enc),
+         'temperature': temperature}
+  for n in ns:
+    pick = np.argmax(rewards[:, :n], axis=1)
+    m = evaluation.corpus_metrics([detokenize(cands[b][pick[b]]) for b in range(len(enc))],
+                                  test.targets)
+    out['reward'].append(100.0 * float(rewards[np.arange(len(enc)), pick].mean()))
+    out['bleu'].append(m['bleu'])
+    out['chrf'].append(m['chrf'])
+  return out
+
+
+@gin.configurable(denylist=['workdir'])
+def rest(workdir: str,
+         model=gin.REQUIRED,
+         task: str = 'libreoffice_help_de_en',
+         bc_params_file: str | None = None,
+         bc_policy_dir: str | None = None,
+         num_grow_steps: int = 2,
+         num_improve_steps: int = 2,
+         retrain_rm: bool = False,
+         dev_examples: int = 200,
+         test_examples: int | None = 500,
+         best_of_n_examples: int = 100,
+         best_of_n_stages: Sequence[str] = ('bc', 'last'),
+         inputs_length: int = 128,
+         targets_length: int = 128,
+         alarm_bleu_drop: float = 1.0) -> dict[str, Any]:
+  """The whole ReST loop in `workdir`; returns the report (also `report.json` / `report.md`).
+
+  Args:
+    workdir: the run's folder (stages, report). Rerunning resumes a killed loop.
+    model: the policy's `EncoderDecoderModel` (gin: `MODEL`).
+    task: SeqIO task (train sources for Grow; dev and test splits for evaluation).
+    bc_params_file: start from this shipped policy (`trainer.save_params_npz` file) ...
+    bc_policy_dir: ... or from this `rest-jax train` run; with neither, `bc/` is trained here by
+      `train.train` (its gin bindings: `train.max_minutes`, ...).
+    num_grow_steps: G. num_improve_steps: I, the last Improve step index of each Grow: steps
+      0..I use the thresholds tau_0..tau_I of `filtering.threshold_schedule` (tau_0 = 0.0).
+    retrain_rm: train a new reward model on every Grow (default: once, on grow_1).
+    dev_examples, test_examples: first pairs of the dev / test split used for stage evaluation
+      (None: all); Improve's early stopping uses the same dev pairs.
+    best_of_n_examples: test sources for best-of-N reranking, on the stages `best_of_n_stages`
+      ('bc', 'last' or stage names).
+    alarm_bleu_drop: the reward-hacking alarm fires when a stage's test RM reward rises over the
+      previous stage's (or BC's) while its test BLEU falls by more than this many points.
+  """
+  from rest_jax import train as train_lib
+  from rest_jax.rewards import model as rm_model, scoring, train_rm
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  input_pipeline.check_vocab_size(task, model.config.vocab_size)
+  detok = input_pipeline.detokenizer(task)
+  dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
+                                        max_examples=dev_examples)
+  test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
+                                         max_examples=test_examples)
+  schedule = filtering.threshold_schedule()
+  taus, mode = [t.tau for t in schedule], schedule[0].mode
+  if num_improve_steps + 1 > len(taus):
+    raise ValueError(f'num_improve_steps={num_improve_steps} needs {num_improve_steps + 1} '
+                     f'thresholds, the schedule has {len(taus)}: {taus}')
+  loss_name = gin.query_parameter('improve.loss') if _bound('improve.loss') else 'bc'
+
+  # -- BC ------------------------------------------------------------------------------------------
+  bc_dir = os.path.join(workdir, 'bc')
+  if bc_params_file:
+    bc = _run_stage(bc_dir, import_policy, bc_dir, model, bc_params_file)
+  elif bc_policy_dir:
+    bc_dir = bc_policy_dir
+    bc = {'policy_dir': os.path.abspath(bc_policy_dir), 'minutes': 0.0}
+  else:
+    bc = _run_stage(bc_dir, lambda: {'train': train_lib.train(bc_dir)})
+  stages = [dict(name='bc', dir=bc_dir, grow=0, improve=None, tau=None, loss='nll',
+                 num_train_records=None, stage_minutes=bc['minutes'])]
+
+  # -- Grow / score / Improve ----------------------------------------------------------------------
+  policy_dir, rm_dir, scorer = bc_dir, os.path.join(workdir, 'rm'), None
+  grows = []
+  for g in range(1, num_grow_steps + 1):
+    grow_dir = os.path.join(workdir, f'grow_{g}')
+    gr = _run_stage(grow_dir, lambda: {'manifest': grow_lib.grow(
+        grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)})
+    if g == 1 or retrain_rm:
+      rm_dir = os.path.join(workdir, 'rm' if g == 1 else f'rm_{g}')
+      rm = _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
+          rm_dir, grow_dir=grow_dir, task=task)})
+      scorer = None
+    if scorer is None:
+      scorer = rm_model.load_reward_model(rm_dir)
+    scored_dir = os.path.join(workdir, f'scored_{g}')
+    sc = _run_stage(scored_dir, lambda: {'manifest': scoring.score(
+        scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task)})
+    grows.append(dict(grow=g, dir=grow_dir, scored_dir=scored_dir, policy_dir=policy_dir,
+                      grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
+                      counts=gr['manifest']['counts']))
+    records = None
+    for i in range(num_improve_steps + 1):
+      step_dir = os.path.join(workdir, f'improve_{g}_{i}')
+      if _stage_done(step_dir) is None and records is None:
+        records = scoring.read_scored_records(scored_dir)
+      prev = policy_dir
+      imp = _run_stage(step_dir, lambda: {'summary': improve_lib.improve(
+          step_dir, model=model, scored_dir=scored_dir, init_policy_dir=prev, rm_dir=rm_dir,
+          prior_policy_dir=bc_dir, task=task, tau=taus[i], threshold_mode=mode,
+          dev_examples=dev_examples, records=records, scorer=scorer)})
+      s = imp['summary']
+      stages.append(dict(name=f'G{g}I{i}', dir=step_dir, grow=g, improve=i, tau=taus[i],
+                         loss=s['loss'], num_train_records=s['filter']['kept_records'],
+                         distinct_sources=s['filter']['distinct_sources'],
+                         stage_minutes=imp['minutes'], best_step=s['best_step'],
+                         steps=s['steps']))
+      policy_dir = step_dir
+    grows[-1]['rm_dir'] = rm_dir
+
+  # -- evaluation of every stage -------------------------------------------------------------------
+  if scorer is None:
+    scorer = rm_model.load_reward_model(rm_dir)
+  for st in tqdm(stages, desc='evaluate stages', unit='stage'):
+    ev_dir = os.path.join(st['dir'], 'eval') if st['dir'].startswith(workdir) else \
+        os.path.join(workdir, 'bc_eval')
+    ev = _run_stage(ev_dir, evaluate_policy, model, st['dir'], scorer, dev, test, detok)
+    st.update({k: v for k, v in ev.items()})
+    st['minutes'] = st['stage_minutes'] + ev['minutes']
+  bon = {}
+  test_bon = test.subset(min(best_of_n_examples, len(test)))
+  for name in best_of_n_stages:
+    st = stages[-1] if name == 'last' else next(s for s in stages if s['name'] == name)
+    bon_dir = os.path.join(workdir, f'best_of_n_{st["name"]}')
+    bon[st['name']] = _run_stage(bon_dir, best_of_n, model, st['dir'], scorer, test_bon, detok)
+
+  report = report_lib.build_report(stages, grows, bon, alarm_bleu_drop=alarm_bleu_drop,
+                                   taus=taus, mode=mode, loss=loss_name,
+                                   total_minutes=(time.perf_counter() - start) / 60)
+  report_lib.write_report(workdir, report)
+  return report
+
+
+def _bound(name: str) -> bool:
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False

@@ -1,0 +1,10 @@
+"""The reward side of ReST (Gulcehre et al. 2023, arXiv 2308.08998, sec. 2 and 4).
+
+* `metrics`: reference-based sentence rewards (sacreBLEU BLEU, chrF, inverted TER) in [0, 1].
+* `model`: a reference-free learned reward model (source + candidate -> scalar), its losses and
+  the `RewardScorer` used at scoring time.
+* `train_rm`: trains the reward model on Grow records labelled by a *simulated* preference oracle
+  (a metric against the reference; no human ratings).
+* `scoring`: scores every Grow record once (`scored-*.tfrecord`, resumable per chunk).
+* `check`: sanity check of a reward on hand-made bad candidates (`rm_check.json`).
+"""

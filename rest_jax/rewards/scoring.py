@@ -1,0 +1,295 @@
+"""`rest-jax score`: scores every Grow record once, for the Improve steps (ReST, sec. 2).
+
+ReST's Improve steps filter the Grow dataset by reward thresholds; the records are scored once,
+here, so that every Improve step reads the same rewards. For each finished Grow chunk
+`grow-KKKKK-of-KKKKK.tfrecord` (the ones with their `.done` marker; the Grow's `manifest.json`
+must exist) this writes `scored-KKKKK-of-KKKKK.tfrecord`: every Grow field unchanged (see
+`grow.RECORD_FIELDS`) plus float fields
+
+  * `reward`: what Improve filters on, in [0, 1]: the reward model's calibrated score
+    (`model.RewardScorer.score_ids`) for `reward='rm'`, else the named metric;
+  * `reward_raw`: the reward model's raw score (= `reward` for a metric);
+  * one field per metric of `metrics` ('bleu', 'chrf', 'ter'; `metrics.sentence_rewards` of the
+    candidate against the reference, in [0, 1]).
+
+Like Grow, the output is resumable per chunk: each chunk is written to a temporary name and
+renamed, then marked done by `scored-KKKKK.done` (JSON: counts and histograms of the chunk); a
+rerun skips marked chunks and redoes the others, so a killed run resumes to byte-identical files.
+`settings.json` (written first) pins the settings, `manifest.json` (written last) marks the
+scoring complete and holds counts, mean rewards and 20-bin histograms over [0, 1] of the reward
+and of every metric, split by origin ('reference' / 'sample').
+
+A NaN or infinite score raises ValueError naming the chunk file, the record index and key; nothing
+of that chunk is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Mapping, Sequence
+
+import gin
+import numpy as np
+from tqdm import tqdm
+
+from rest_jax import grow as grow_lib
+from rest_jax import trainer as trainer_lib
+from rest_jax.rewards import metrics as metrics_lib
+
+NUM_BINS = 20
+ORIGINS = ('reference', 'sample')
+_SCORED_RE = re.compile(r'scored-(\d{5})-of-(\d{5})\.tfrecord$')
+
+
+class ScoringInterrupted(RuntimeError):
+  """Raised by the `_stop_after_chunks` test hook (a simulated kill)."""
+
+
+def histogram(values: np.ndarray) -> list[int]:
+  """Counts of `values` in NUM_BINS equal bins over [0, 1] (1.0 falls in the last bin)."""
+  return np.histogram(np.asarray(values, np.float64), bins=NUM_BINS, range=(0.0, 1.0))[0].tolist()
+
+
+def _write_scored(path: str, records: Sequence[Mapping[str, Any]],
+                  float_fields: Sequence[str]) -> None:
+  """Grow's `tf.train.Example` of each record plus `float_fields`, to `path` atomically."""
+  import tensorflow as tf
+  tmp = path + '.tmp'
+  with tf.io.TFRecordWriter(tmp) as w:
+    for r in records:
+      ex = grow_lib._to_example(r)
+      for name in float_fields:
+        ex.features.feature[name].float_list.value.append(float(r[name]))
+      w.write(ex.SerializeToString(deterministic=True))
+  os.replace(tmp, path)
+
+
+def _read_chunk(path: str) -> list[dict[str, Any]]:
+  import tensorflow as tf
+  return [grow_lib._parse(raw) for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+
+
+def _marker(output_dir: str, k: int) -> str:
+  return os.path.join(output_dir, f'scored-{k:05d}.done')
+
+
+def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> dict:
+  """Per origin: count, sums and histograms of `fields` (JSON, summed over chunks later)."""
+  out = {}
+  for origin in ORIGINS:
+    rs = [r for r in records if r['origin'] == origin]
+    out[origin] = {'count': len(rs),
+                   'sum': {f: float(sum(r[f] for r in rs)) for f in fields},
+                   'histogram': {f: histogram([r[f] for r in rs]) for f in fields}}
+  return out
+
+
+def _check_settings(output_dir: str, settings: dict) -> str:
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+  path = os.path.join(output_dir, 'settings.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get('settings_hash') != h:
+      prev = old.get('settings', {})
+      diff = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
+      raise ValueError(f'{output_dir} holds scores with other settings (' +
+                       '; '.join(f'{k} {prev.get(k)!r} -> {settings.get(k)!r}' for k in diff) +
+                       '); use another output dir instead of mixing outputs')
+  else:
+    trainer_lib.write_json(path, {'settings': settings, 'settings_hash': h})
+  return h
+
+
+def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
+                  metrics: Sequence[str], scorer=None, batch_size: int = 64,
+                  where: str = 'records') -> list[dict[str, Any]]:
+  """The records with `reward`, `reward_raw` and one field per metric added (all float).
+
+  Args:
+    records: Grow records. reward: 'rm' (needs `scorer`, a `model.RewardScorer`) or a metric.
+    where: names the records in errors (e.g. the chunk file).
+
+  Raises:
+    ValueError: a NaN or infinite value (names `where`, the record index and key).
+  """
+  cands = [r['candidate'] for r in records]
+  refs = [r['reference'] for r in records]
+  names = list(dict.fromkeys(list(metrics) + ([reward] if reward != 'rm' else [])))
+  values = metrics_lib.sentence_rewards(cands, refs, names)
+  if reward == 'rm':
+    raw = np.asarray(scorer.raw_scores([r['source_ids'] for r in records],
+                                       [r['candidate_ids'] for r in records], batch_size),
+                     np.float32)
+    values['reward_raw'], values['reward'] = raw, np.asarray(scorer.calibrate(raw), np.float32)
+  else:
+    values['reward_raw'] = values['reward'] = values[reward]
+  fields = ['reward', 'reward_raw'] + list(metrics)
+  for f in ['reward_raw'] + fields:
+    bad = np.flatnonzero(~np.isfinite(values[f]))
+    if len(bad):
+      i = int(bad[0])
+      raise ValueError(f'{where}: record {i} (key {records[i]["key"]!r}) has a non-finite {f} '
+                       f'= {values[f][i]} ({len(bad)} such records); nothing of it was written')
+  return [dict(r, **{f: float(values[f][i]) for f in fields}) for i, r in enumerate(records)]
+
+
+@gin.configurable(denylist=['output_dir', 'scorer', '_stop_after_chunks'])
+def score(output_dir: str,
+          grow_dir: str = gin.REQUIRED,
+          rm_dir: str | None = None,
+          task: str = 'libreoffice_help_de_en',
+          reward: str = 'rm',
+          metrics: Sequence[str] = metrics_lib.METRICS,
+          batch_size: int = 64,
+          scorer=None,
+          _stop_after_chunks: int | None = None) -> dict[str, Any]:
+  """Scores every record of a finished Grow (module docstring); resumable per chunk.
+
+  Args:
+    output_dir: where scored chunks, markers, settings.json and manifest.json go
+      (`<workdir>/scored_<grow step>`).
+    grow_dir: a finished Grow (its manifest.json exists).
+    rm_dir: a `train_rm` output dir (`reward='rm'`).
+    task: unused by the scores themselves (the RM scores ids); recorded in the settings.
+    reward: 'rm' for the learned reward model, or a metric name ('bleu', 'chrf', 'ter') to use
+      that metric as the reward (e.g. when no reward model exists).
+    metrics: metric fields to add to every record.
+    batch_size: reward-model rows per forward pass (not a setting: it does not change scores
+      beyond float rounding).
+    scorer: a `RewardScorer` to use instead of loading `rm_dir` (tests).
+    _stop_after_chunks: test hook: raise `ScoringInterrupted` after this many chunks.
+
+  Returns:
+    The manifest (also `output_dir/manifest.json`): settings, counts (chunks, records, per
+    origin), mean reward and metrics per origin, histograms per origin and field (NUM_BINS bins
+    over [0, 1], `bin_edges`), wall_seconds, chunks_resumed.
+
+  Raises:
+    FileNotFoundError: no finished Grow in `grow_dir`, or a chunk without its marker.
+    ValueError: other settings in `output_dir`; 'rm' without `rm_dir`; an unknown reward or
+      metric; a NaN / infinite score (names chunk, record index and key).
+  """
+  start = time.perf_counter()
+  grow_manifest_path = os.path.join(grow_dir, 'manifest.json')
+  if not os.path.exists(grow_manifest_path):
+    raise FileNotFoundError(f'{grow_manifest_path} missing: the Grow in {grow_dir} is unfinished')
+  with open(grow_manifest_path) as f:
+    grow_manifest = json.load(f)
+  if reward != 'rm' and reward not in metrics_lib.METRICS:
+    raise ValueError(f"unknown reward {reward!r}: use 'rm' or one of {metrics_lib.METRICS}")
+  for m in metrics:
+    if m not in metrics_lib.METRICS:
+      raise ValueError(f'unknown metric {m!r}: use {metrics_lib.METRICS}')
+  if reward == 'rm' and scorer is None and not rm_dir:
+    raise ValueError("reward='rm' needs an rm_dir (or use a metric as the reward)")
+  rm_config = None
+  if reward == 'rm' and rm_dir:
+    with open(os.path.join(rm_dir, 'rm_config.json')) as f:
+      rm_config = json.load(f)
+  settings = dict(grow_dir=os.path.abspath(grow_dir),
+                  grow_settings_hash=grow_manifest.get('settings_hash'),
+                  rm_dir=os.path.abspath(rm_dir) if rm_dir and reward == 'rm' else None,
+                  rm_config=rm_config, task=task, reward=reward, metrics=list(metrics))
+  os.makedirs(output_dir, exist_ok=True)
+  settings_hash = _check_settings(output_dir, settings)
+  manifest_path = os.path.join(output_dir, 'manifest.json')
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      logging.info('score: %s is complete', output_dir)
+      return json.load(f)
+
+  K = grow_manifest['counts']['chunks']
+  chunks = []
+  for k in range(K):
+    path = os.path.join(grow_dir, f'grow-{k:05d}-of-{K:05d}.tfrecord')
+    if not os.path.exists(path) or not os.path.exists(grow_lib._marker(path)):
+      raise FileNotFoundError(f'{path} or its completion marker is missing')
+    chunks.append(path)
+  todo = [k for k in range(K) if not os.path.exists(_marker(output_dir, k))]
+  logging.info('score: %d Grow chunks (%d to do), reward %s -> %s', K, len(todo), reward,
+               output_dir)
+  if todo and reward == 'rm' and scorer is None:
+    from rest_jax.rewards import model as rm_model
+    scorer = rm_model.load_reward_model(rm_dir)
+
+  fields = ['reward'] + list(metrics)
+  bar = tqdm(total=len(todo), desc='score', unit='chunk', dynamic_ncols=True)
+  for done, k in enumerate(todo):
+    path = os.path.join(output_dir, f'scored-{k:05d}-of-{K:05d}.tfrecord')
+    if os.path.exists(path + '.tmp'):
+      os.remove(path + '.tmp')  # Partial file of a killed run.
+    records = score_records(_read_chunk(chunks[k]), reward=reward, metrics=metrics,
+                            scorer=scorer, batch_size=batch_size, where=chunks[k])
+    _write_scored(path, records, ['reward', 'reward_raw'] + list(metrics))
+    trainer_lib.write_json(_marker(output_dir, k), {'records': len(records),
+                                                    'by_origin': _chunk_counts(records, fields)})
+    bar.update(1)
+    mean = np.mean([r['reward'] for r in records]) if records else float('nan')
+    bar.set_postfix(records=len(records), mean_reward=f'{mean:.3f}')
+    if _stop_after_chunks is not None and done + 1 >= _stop_after_chunks:
+      raise ScoringInterrupted(f'stopped after {done + 1} chunks (test hook)')
+  bar.close()
+
+  total = 0
+  by_origin = {o: {'count': 0, 'sum': {f: 0.0 for f in fields},
+                   'histogram': {f: [0] * NUM_BINS for f in fields}} for o in ORIGINS}
+  for k in range(K):
+    with open(_marker(output_dir, k)) as f:
+      c = json.load(f)
+    total += c['records']
+    for o in ORIGINS:
+      src, dst = c['by_origin'][o], by_origin[o]
+      dst['count'] += src['count']
+      for f in fields:
+        dst['sum'][f] += src['sum'][f]
+        dst['histogram'][f] = [a + b for a, b in zip(dst['histogram'][f], src['histogram'][f])]
+  manifest = dict(
+      grow_dir=settings['grow_dir'], reward=reward, settings=settings,
+      settings_hash=settings_hash,
+      counts=dict(chunks=K, records=total, **{o: by_origin[o]['count'] for o in ORIGINS}),
+      mean_reward={o: by_origin[o]['sum']['reward'] / max(by_origin[o]['count'], 1)
+                   for o in ORIGINS},
+      mean={o: {f: by_origin[o]['sum'][f] / max(by_origin[o]['count'], 1) for f in fields}
+            for o in ORIGINS},
+      histograms={o: by_origin[o]['histogram'] for o in ORIGINS},
+      bin_edges=np.linspace(0.0, 1.0, NUM_BINS + 1).tolist(),
+      chunks_resumed=K - len(todo), wall_seconds=time.perf_counter() - start)
+  trainer_lib.write_json(manifest_path, manifest)
+  logging.info('score: %d records; mean reward: reference %.3f, sample %.3f', total,
+               manifest['mean_reward']['reference'], manifest['mean_reward']['sample'])
+  return manifest
+
+
+def read_scored_records(scored_dir: str) -> list[dict[str, Any]]:
+  """All records of a finished scoring, sorted by chunk file name, then in file order.
+
+  Returns dicts with the Grow fields plus `reward`, `reward_raw` and the metric fields.
+
+  Raises:
+    FileNotFoundError: no `manifest.json` (scoring unfinished), a chunk file without its marker,
+      or fewer chunk files than the manifest counts.
+  """
+  manifest_path = os.path.join(scored_dir, 'manifest.json')
+  if not os.path.exists(manifest_path):
+    raise FileNotFoundError(f'{manifest_path} missing: the scoring in {scored_dir} is unfinished '
+                            '(rerun `rest-jax score` to resume it) or this is no scored dir')
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  files = sorted(p for p in glob.glob(os.path.join(scored_dir, 'scored-*-of-*.tfrecord'))
+                 if _SCORED_RE.search(os.path.basename(p)))
+  for p in files:
+    k = int(_SCORED_RE.search(os.path.basename(p)).group(1))
+    if not os.path.exists(_marker(scored_dir, k)):
+      raise FileNotFoundError(f'chunk {p} has no completion marker {_marker(scored_dir, k)}: it '
+                              'may be partial; rerun `rest-jax score` to redo it')
+  if len(files) != manifest['counts']['chunks']:
+    raise FileNotFoundError(f'{scored_dir}: {len(files)} chunk files, manifest says '
+                            f"{manifest['counts']['chunks']}")
+  return [r for p in files for r in _read_chunk(p)]

@@ -1,0 +1,443 @@
+"""`rest-jax train_rm`: trains the learned reward model on Grow records (ReST, sec. 2 and 4).
+
+ReST (Gulcehre et al. 2023) filters Grow samples with a reward model. Human preference data is
+not available here, so the labels come from a SIMULATED preference oracle: every candidate of a
+source is scored by a reference-based metric against that source's reference (`oracle`, default
+chrF, `metrics.sentence_rewards`), and the reward model, which never sees the reference, learns
+to reproduce the oracle's order. No human ratings are involved anywhere.
+
+Data, per Grow source (`grow.read_grow_records`): the reference record and the distinct policy
+samples; with `add_negatives`, also the five synthetic candidates of `negatives.KINDS` (copy of
+the source, empty output, reference twice, first half of the reference, another source's
+reference), labelled by the same oracle. Sources are split into train / dev by a deterministic
+hash of `source_index` (`is_dev`), so the dev sources are the same in every run.
+
+Training: one batch = `batch_size` sources x K candidates (K = the most candidates of any source;
+absent ones masked), `objective` 'bradley_terry' (`model.bradley_terry_loss` over the pairs of
+each source) or 'regression' (`model.regression_loss` of the raw score to the oracle reward);
+AdamW (`trainer.make_optimizer`, cosine decay), the jitted sharded step of `trainer.Trainer`
+(dropout rng `fold_in(PRNGKey(seed), step)`).
+
+Evaluation on the dev sources: pairwise accuracy against the oracle (pairs within a source),
+Kendall tau and Pearson r of the raw scores against the oracle (pooled over dev records), and the
+same against sentence BLEU; once on the Grow records (reference + samples) and once with the
+synthetic negatives added. Calibration: the 1% / 99% quantiles of the raw scores of the dev Grow
+records are mapped to 0 / 1 (`model.calibrate`, clipped), stored in `rm_config.json`.
+
+Outputs in `output_dir`: `checkpoints/` (orbax, `trainer.Checkpointer`), `rm_config.json` (model
+config, calibration, task, oracle, objective), `rm_summary.json` (written last: settings, dev
+metrics, steps, minutes, counts). A finished output dir is returned as is on a rerun with the same
+settings; training itself is not resumable (a killed run starts over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+from tqdm import tqdm
+
+from rest_jax import data as data_lib
+from rest_jax import grow as grow_lib
+from rest_jax import partitioning, trainer as trainer_lib
+from rest_jax.rewards import metrics as metrics_lib
+from rest_jax.rewards import model as rm_model
+from rest_jax.rewards import negatives as neg_lib
+
+SUMMARY_FILE = 'rm_summary.json'
+GROW_KINDS = ('reference', 'sample')
+
+
+def is_dev(source_index: int, dev_fraction: float) -> bool:
+  """Whether a source is held out: sha256 of its index, as a number in [0, 1), < dev_fraction."""
+  h = int(hashlib.sha256(str(int(source_index)).encode()).hexdigest()[:12], 16)
+  return h / float(1 << 48) < dev_fraction
+
+
+@dataclasses.dataclass
+class Candidates:
+  """A flat list of m candidates (of several sources) with their oracle labels."""
+  source_index: np.ndarray           # [m] int64.
+  kind: list[str]                    # 'reference', 'sample' or one of `negatives.KINDS`.
+  source_ids: list[list[int]]
+  candidate_ids: list[list[int]]
+  candidate: list[str]
+  reference: list[str]
+  labels: dict[str, np.ndarray]      # metric name -> [m] float32 reward vs the reference.
+
+  def __len__(self):
+    return len(self.kind)
+
+  def select(self, keep: np.ndarray) -> 'Candidates':
+    idx = np.flatnonzero(keep)
+    pick = lambda xs: [xs[i] for i in idx]
+    return Candidates(self.source_index[idx], pick(self.kind), pick(self.source_ids),
+                      pick(self.candidate_ids), pick(self.candidate), pick(self.reference),
+                      {k: v[idx] for k, v in self.labels.items()})
+
+
+def build_candidates(records: Sequence[Mapping[str, Any]], *, add_negatives: bool,
+                     tokenize: Callable[[str], Sequence[int]] | None, seed: int,
+                     metrics: Sequence[str]) -> Candidates:
+  """The Grow records (+ synthetic negatives per source) with their metric labels.
+
+  Args:
+    records: Grow records (`grow.RECORD_FIELDS`), any order; per source the reference record and
+      the samples.
+    add_negatives: add `negatives.KINDS` per source; the 'other_reference' one is the reference
+      of a random other source (`negatives.other_indices`, `seed`).
+    tokenize: text -> ids (no EOS) for the negatives' ids.
+    metrics: labels to compute (`metrics.sentence_rewards` of candidate vs reference).
+  """
+  by_source: dict[int, list] = {}
+  for r in records:
+    by_source.setdefault(int(r['source_index']), []).append(r)
+  sources = sorted(by_source)
+  refs = {i: next(r for r in by_source[i] if r['origin'] == 'reference') for i in sources}
+  others = neg_lib.other_indices(len(sources), seed)
+  cols: dict[str, list] = {k: [] for k in ('source_index', 'kind', 'source_ids',
+                                           'candidate_ids', 'candidate', 'reference')}
+
+  def add(i, kind, text, ids):
+    for k, v in zip(cols, (i, kind, list(refs[i]['source_ids']), list(ids), text,
+                           refs[i]['reference'])):
+      cols[k].append(v)
+
+  for n, i in enumerate(sources):
+    for r in sorted(by_source[i], key=lambda r: r['candidate_index']):
+      add(i, r['origin'], r['candidate'], r['candidate_ids'])
+    if add_negatives:
+      other = refs[sources[others[n]]]['reference']
+      for kind, text, ids in neg_lib.synthetic_candidates(refs[i]['source'], refs[i]['reference'],
+                                                          other, tokenize):
+        add(i, kind, text, ids)
+  labels = metrics_lib.sentence_rewards(cols['candidate'], cols['reference'], metrics)
+  return Candidates(np.asarray(cols['source_index'], np.int64), cols['kind'], cols['source_ids'],
+                    cols['candidate_ids'], cols['candidate'], cols['reference'], labels)
+
+
+def group_by_source(source_index: np.ndarray) -> np.ndarray:
+  """[S, K] int: row s lists the positions of the s-th source's candidates, -1 padded."""
+  sources, counts = np.unique(source_index, return_counts=True)
+  out = -np.ones((len(sources), int(counts.max()) if len(counts) else 0), np.int64)
+  for s, i in enumerate(sources):
+    pos = np.flatnonzero(source_index == i)
+    out[s, :len(pos)] = pos
+  return out
+
+
+def pack_by_source(cands: Candidates, targets: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
+  """Training arrays, one row per source: tokens / segment_ids [S, K, max_len] int32, targets
+  [S, K] float32 (the oracle rewards), mask [S, K] float32 (1 = a real candidate)."""
+  tokens, segs = rm_model.pack_inputs(cands.source_ids, cands.candidate_ids, max_len)
+  idx = group_by_source(cands.source_index)
+  safe = np.maximum(idx, 0)
+  mask = (idx >= 0).astype(np.float32)
+  return {'tokens': tokens[safe] * (idx >= 0)[..., None], 'segment_ids': segs[safe] * (
+      idx >= 0)[..., None], 'targets': np.asarray(targets, np.float32)[safe] * mask, 'mask': mask}
+
+
+@functools.lru_cache(maxsize=2)
+def _plan(lengths: tuple, batch_size: int, seed: int, epoch: int, pool_batches: int):
+  rng = np.random.default_rng([seed, epoch])
+  n = len(lengths) // batch_size * batch_size
+  order = rng.permutation(len(lengths))[:n]
+  key = np.asarray(lengths)
+  pool = pool_batches * batch_size
+  order = np.concatenate([c[np.argsort(key[c], kind='stable')]
+                          for c in np.split(order, np.arange(pool, n, pool))])
+  plan = order.reshape(-1, batch_size)
+  return plan[rng.permutation(len(plan))]
+
+
+def epoch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+               pool_batches: int = 32) -> np.ndarray:
+  """[S // batch_size, batch_size] source rows of one epoch, a pure function of (seed, epoch).
+
+  As `data.ArrayBatcher`: a seeded permutation, sorted by `lengths` inside pools of
+  `pool_batches` batches (so a batch's rows have similar lengths and it is cut to a short bucket),
+  cut into batches, batch order shuffled; the last partial batch is dropped.
+  """
+  return _plan(tuple(int(l) for l in lengths), batch_size, seed, epoch, pool_batches)
+
+
+class _TrainModel:
+  """Adapts `RewardModel` to `trainer.Trainer` (get_initial_variables, loss_fn) on [B, K, L]."""
+
+  def __init__(self, config: rm_model.RewardModelConfig, objective: str):
+    if objective not in ('bradley_terry', 'regression'):
+      raise ValueError(f"unknown objective {objective!r}: use 'bradley_terry' or 'regression'")
+    self.module = rm_model.RewardModel(config)
+    self.objective = objective
+
+  def get_initial_variables(self, rng, input_shapes):
+    x = jnp.ones((1, input_shapes['tokens'][-1]), jnp.int32)
+    return self.module.init(rng, x, x)
+
+  def loss_fn(self, params, batch, rng):
+    b, k, l = batch['tokens'].shape
+    scores = self.module.apply(
+        {'params': params}, batch['tokens'].reshape(b * k, l),
+        batch['segment_ids'].reshape(b * k, l), enable_dropout=rng is not None,
+        rngs={'dropout': rng} if rng is not None else None).reshape(b, k)
+    if self.objective == 'bradley_terry':
+      loss = rm_model.bradley_terry_loss(scores, batch['targets'], batch['mask'])
+    else:
+      loss = rm_model.regression_loss(scores, batch['targets'], batch['mask'])
+    acc = rm_model.pairwise_accuracy(scores, batch['targets'], batch['mask'])
+    return loss, {'pairwise_accuracy': acc, 'num_tokens': jnp.sum(batch['mask'])}
+
+
+def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
+        objective: str = 'bradley_terry', num_steps: int = 1000, batch_size: int = 16,
+        learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 1e-4,
+        max_minutes: float | None = None, seed: int = 0, mesh=None,
+        desc: str = 'train_rm') -> tuple[Any, dict[str, Any]]:
+  """Trains a fresh `RewardModel` on `pack_by_source` arrays.
+
+  Args:
+    config: the model. arrays: tokens / segment_ids [S, K, L], targets / mask [S, K].
+    objective: 'bradley_terry' or 'regression' (see the module docstring).
+    num_steps: optimizer steps (the cosine schedule decays to 0 there).
+    batch_size: sources per batch, rounded up to a multiple of the mesh's `data` axis; each batch
+      is cut to the length bucket (32 / 64 / 128 / 256 tokens, at most `config.max_len`) of its
+      longest packed row, so the step compiles once per bucket.
+    learning_rate, warmup_steps, weight_decay: AdamW (`trainer.make_optimizer`, clip norm 1).
+    max_minutes: also stop after this much wall-clock training time (compilation included).
+    seed: init, batch order and dropout seed. mesh: default `partitioning.create_mesh()`.
+
+  Returns:
+    (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds, final_loss,
+    final_train_pairwise_accuracy).
+
+  Raises:
+    ValueError: an unknown objective, or fewer sources than one batch.
+  """
+  mesh = mesh if mesh is not None else partitioning.create_mesh()
+  bs = grow_lib._global_batch(batch_size, mesh)
+  num_sources = len(arrays['mask'])
+  if num_sources < bs:
+    raise ValueError(f'{num_sources} training sources cannot fill one batch of {bs}')
+  opt = trainer_lib.make_optimizer(
+      learning_rate=learning_rate, warmup_steps=warmup_steps, schedule='cosine',
+      decay_steps=num_steps, weight_decay=weight_decay, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0)
+  t = trainer_lib.Trainer(_TrainModel(config, objective), opt, mesh, seed=seed)
+  state = t.init_state({'tokens': (bs, 1, 8)})
+  buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
+  lengths = (arrays['segment_ids'] != 0).sum(-1).max(-1)  # [S] longest packed row per source.
+  per_epoch = num_sources // bs
+  start = time.perf_counter()
+  bar = tqdm(total=num_steps, desc=desc, unit='step', dynamic_ncols=True, mininterval=2.0,
+             disable=jax.process_index() != 0)
+  m, step = {}, 0
+  while step < num_steps:
+    if max_minutes is not None and time.perf_counter() - start >= max_minutes * 60:
+      break
+    rows = epoch_plan(lengths, bs, seed, step // per_epoch)[step % per_epoch]
+    n = data_lib.bucket_length(max(int(lengths[rows].max()), 1), buckets)
+    batch = {k: v[rows][..., :n] if v.ndim == 3 else v[rows] for k, v in arrays.items()}
+    state, m = t.train_step(state, partitioning.shard_batch(batch, mesh))
+    step += 1
+    if step % 10 == 0 or step == num_steps:
+      m = jax.device_get(m)
+      bar.update(step - bar.n)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['pairwise_accuracy']:.3f}")
+  bar.close()
+  m = jax.device_get(m)
+  info = dict(steps=step, train_seconds=time.perf_counter() - start,
+              final_loss=float(m.get('loss', np.nan)),
+              final_train_pairwise_accuracy=float(m.get('pairwise_accuracy', np.nan)))
+  return state, info
+
+
+def _correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+  if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+    return {'kendall_tau': float('nan'), 'pearson': float('nan')}
+  return {'kendall_tau': float(stats.kendalltau(x, y).statistic),
+          'pearson': float(stats.pearsonr(x, y).statistic)}
+
+
+def evaluate_scores(raw: np.ndarray, cands: Candidates,
+                    against: Sequence[str] = ('chrf', 'bleu')) -> dict[str, Any]:
+  """Reward-model scores vs metric labels on a set of candidates.
+
+  Args:
+    raw: [m] raw scores of `cands`. against: label names of `cands.labels`.
+
+  Returns:
+    per label: pairwise_accuracy (pairs within a source, `model.pairwise_accuracy`), num_pairs,
+    kendall_tau and pearson (scipy.stats, pooled over all m candidates; NaN if a side is
+    constant); plus num_records and num_sources.
+  """
+  idx = group_by_source(cands.source_index)
+  safe, mask = np.maximum(idx, 0), (idx >= 0)
+  out: dict[str, Any] = {'num_records': len(cands), 'num_sources': len(idx)}
+  for name in against:
+    y = cands.labels[name]
+    pairs = int(np.asarray(rm_model.preference_pairs(y[safe], mask)).sum())
+    acc = float(rm_model.pairwise_accuracy(raw[safe], y[safe], mask))
+    out[name] = dict(pairwise_accuracy=acc, num_pairs=pairs, **_correlations(raw, y))
+  return out
+
+
+def _check_settings(output_dir: str, settings: Mapping[str, Any]) -> dict | None:
+  """The summary of a finished run with these settings, None if there is none; raises if the
+  output dir holds a run with other settings."""
+  path = os.path.join(output_dir, SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  old = summary.get('settings', {})
+  new = json.loads(json.dumps(settings))
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    raise ValueError(f'{output_dir} holds a reward model trained with other settings (' +
+                     '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in diff) +
+                     '); use another output dir')
+  return summary
+
+
+@gin.configurable(denylist=['output_dir', 'tokenize', 'mesh'])
+def train_reward_model(output_dir: str,
+                       grow_dir: str = gin.REQUIRED,
+                       task: str = 'libreoffice_help_de_en',
+                       objective: str = 'bradley_terry',
+                       oracle: str = 'chrf',
+                       num_steps: int = 1000,
+                       batch_size: int = 16,
+                       learning_rate: float = 1e-3,
+                       warmup_steps: int = 100,
+                       weight_decay: float = 1e-4,
+                       max_minutes: float | None = None,
+                       dev_fraction: float = 0.1,
+                       add_negatives: bool = True,
+                       seed: int = 0,
+                       config: rm_model.RewardModelConfig = rm_model.RewardModelConfig(),
+                       eval_batch_size: int = 64,
+                       tokenize: Callable[[str], Sequence[int]] | None = None,
+                       mesh=None) -> dict[str, Any]:
+  """Trains a reward model on a Grow's records labelled by a simulated oracle (module docstring).
+
+  Args:
+    output_dir: where checkpoints/, rm_config.json and rm_summary.json go (`<workdir>/rm`).
+    grow_dir: a finished Grow (`rest-jax grow` output).
+    task: SeqIO task whose SentencePiece vocabulary tokenizes the negatives (the policy's).
+    objective: 'bradley_terry' (pairs within a source) or 'regression' (MSE to the oracle).
+    oracle: the metric that labels every candidate vs its reference: 'chrf', 'bleu' or 'ter'.
+    num_steps, batch_size (sources per batch), learning_rate, warmup_steps, weight_decay,
+      max_minutes: see `fit`.
+    dev_fraction: share of sources held out for evaluation and calibration (`is_dev`; at least
+      one source).
+    add_negatives: add the synthetic `negatives.KINDS` to every source (train and dev).
+    seed: init / batch order / dropout and the choice of the 'other_reference' negative.
+    config: the `RewardModelConfig` (gin: `RM_CONFIG`).
+    eval_batch_size: rows per forward pass when scoring the dev records.
+    tokenize: text -> ids without EOS (default: the task's vocabulary; tests pass their own).
+    mesh: training mesh (default `partitioning.create_mesh()`).
+
+  Returns:
+    The summary, also `output_dir/rm_summary.json`.
+
+  Raises:
+    ValueError: `output_dir` holds a reward model trained with other settings; an unknown oracle
+      or objective; too few training sources for one batch.
+    FileNotFoundError: `grow_dir` is no finished Grow.
+  """
+  if oracle not in metrics_lib.METRICS:
+    raise ValueError(f'unknown oracle {oracle!r}: use one of {metrics_lib.METRICS}')
+  manifest_path = os.path.join(grow_dir, 'manifest.json')
+  if not os.path.exists(manifest_path):
+    raise FileNotFoundError(f'{manifest_path} missing: no finished Grow in {grow_dir}')
+  with open(manifest_path) as f:
+    grow_manifest = json.load(f)
+  settings = dict(grow_dir=os.path.abspath(grow_dir), grow_settings_hash=grow_manifest.get(
+      'settings_hash'), task=task, objective=objective, oracle=oracle, num_steps=num_steps,
+                  batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                  weight_decay=weight_decay, max_minutes=max_minutes, dev_fraction=dev_fraction,
+                  add_negatives=add_negatives, seed=seed, config=config.to_json())
+  done = _check_settings(output_dir, settings)
+  if done is not None:
+    logging.info('train_rm: %s is complete', output_dir)
+    return done
+  start = time.perf_counter()
+  os.makedirs(output_dir, exist_ok=True)
+  shutil.rmtree(os.path.join(output_dir, 'checkpoints'), ignore_errors=True)  # A killed run's.
+  if tokenize is None:
+    tokenize = rm_model.text_tokenizer(task)
+
+  records = grow_lib.read_grow_records(grow_dir)
+  label_names = sorted({oracle, 'bleu'})
+  cands = build_candidates(records, add_negatives=add_negatives, tokenize=tokenize, seed=seed,
+                           metrics=label_names)
+  sources = np.unique(cands.source_index)
+  dev_sources = {int(i) for i in sources if is_dev(i, dev_fraction)}
+  if not dev_sources and dev_fraction > 0:  # Tiny Grows: hold out at least one source.
+    dev_sources = {int(min(sources, key=lambda i: hashlib.sha256(str(int(i)).encode()).digest()))}
+  dev_rows = np.isin(cands.source_index, list(dev_sources))
+  train, dev = cands.select(~dev_rows), cands.select(dev_rows)
+  logging.info('train_rm: %d train / %d dev sources, %d / %d candidates (oracle %s)',
+               len(sources) - len(dev_sources), len(dev_sources), len(train), len(dev), oracle)
+
+  mesh = mesh if mesh is not None else partitioning.create_mesh()
+  arrays = pack_by_source(train, train.labels[oracle], config.max_len)
+  state, info = fit(config, arrays, objective=objective, num_steps=num_steps,
+                    batch_size=batch_size, learning_rate=learning_rate,
+                    warmup_steps=warmup_steps, weight_decay=weight_decay,
+                    max_minutes=max_minutes, seed=seed, mesh=mesh)
+
+  scorer = rm_model.RewardScorer(config, state.params, None, task=task, mesh=mesh)
+  raw = scorer.raw_scores(dev.source_ids, dev.candidate_ids, eval_batch_size)
+  grow_rows = np.isin(dev.kind, GROW_KINDS)
+  if grow_rows.any():
+    low, high = np.quantile(raw[grow_rows], [0.01, 0.99])
+  else:
+    low, high = float(raw.min()), float(raw.max())
+  calibration = dict(method='quantile', quantiles=[0.01, 0.99], low=float(low), high=float(high),
+                     num_records=int(grow_rows.sum()))
+  against = [oracle] + [n for n in label_names if n != oracle]
+  dev_metrics = {'grow_records': evaluate_scores(raw[grow_rows], dev.select(grow_rows), against)}
+  if add_negatives:
+    dev_metrics['with_negatives'] = evaluate_scores(raw, dev, against)
+  by_kind = {}
+  for kind in sorted(set(dev.kind)):
+    sel = np.asarray(dev.kind) == kind
+    by_kind[kind] = dict(mean_reward=float(rm_model.calibrate(raw[sel], calibration).mean()),
+                         mean_oracle=float(dev.labels[oracle][sel].mean()), count=int(sel.sum()))
+  dev_metrics['by_kind'] = by_kind
+
+  ckpt = trainer_lib.Checkpointer(output_dir, keep=1)
+  ckpt.save(state)
+  trainer_lib.write_json(os.path.join(output_dir, rm_model.CONFIG_FILE), dict(
+      config=config.to_json(), calibration=calibration, task=task, oracle=oracle,
+      objective=objective, step=info['steps'], grow_dir=settings['grow_dir']))
+  count = lambda c: {k: int(np.sum(np.asarray(c.kind) == k)) for k in sorted(set(c.kind))}
+  summary = dict(
+      settings=settings, oracle_note=(
+          f'SIMULATED preference oracle: candidates are labelled by sentence {oracle} against '
+          'the reference; no human ratings'),
+      dev=dev_metrics, calibration=calibration, steps=info['steps'],
+      train_minutes=info['train_seconds'] / 60, wall_minutes=(time.perf_counter() - start) / 60,
+      final_loss=info['final_loss'],
+      final_train_pairwise_accuracy=info['final_train_pairwise_accuracy'],
+      counts=dict(train_sources=len(sources) - len(dev_sources), dev_sources=len(dev_sources),
+                  train_candidates=count(train), dev_candidates=count(dev),
+                  grow_records=len(records)))
+  trainer_lib.write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
+  g = dev_metrics['grow_records']
+  logging.info('train_rm: %d steps in %.1f min; dev pairwise accuracy vs %s %.3f, Kendall tau '
+               '%.3f, Pearson %.3f', info['steps'], info['train_seconds'] / 60, oracle,
+               g[oracle]['pairwise_accuracy'], g[oracle]['kendall_tau'], g[oracle]['pearson'])
+  return summary
