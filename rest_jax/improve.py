@@ -155,7 +155,8 @@ def improve(model_dir: str,
             kl_anneal: tuple[float, float] = (1.0, 1e-5),
             seed: int = 0,
             records: Sequence[Mapping[str, Any]] | None = None,
-            scorer=None) -> dict[str, Any]:
+            scorer=None,
+            initial_dev: Mapping[str, float] | None = None) -> dict[str, Any]:
   """One Improve step: filter at `tau`, fine-tune `init_policy_dir`'s policy, keep the best by RM.
 
   Args:
@@ -176,8 +177,10 @@ def improve(model_dir: str,
     dev_examples: first dev pairs used for the dev reward.
     kl_anneal: (start, end) of the KL weight, annealed geometrically over `num_steps`.
     seed: data order and dropout seed.
-    records, scorer: in-memory scored records and reward scorer (tests); default: read
-      `scored_dir`, load `rm_dir`.
+    records, scorer: in-memory scored records and reward scorer; default: read `scored_dir`,
+      load `rm_dir`.
+    initial_dev: the starting policy's dev metrics ('reward', 'bleu', 'chrf' on the same dev
+      pairs), when the caller knows them (the ReST loop does): saves decoding dev once more.
 
   Returns:
     The summary (also `model_dir/improve_summary.json`): filtering stats, steps, minutes, the dev
@@ -242,8 +245,9 @@ def improve(model_dir: str,
   def policy_view(s):  # `save_best` stores `.params` only: the policy, in BC-run layout.
     return trainer_lib.TrainState(step=s.step, params=s.params['policy'], opt_state=None)
 
-  def evaluate(s):
-    m = dev_reward(model, s.params['policy'], dev, scorer, detok, max_decode_len)
+  def evaluate(s, known=None):
+    m = dict(known) if known else dev_reward(model, s.params['policy'], dev, scorer, detok,
+                                             max_decode_len)
     is_best = ckpt.save_best(policy_view(s), {'dev_reward': m['reward'], 'dev_bleu': m['bleu'],
                                               'dev_chrf': m['chrf']})
     entry = dict(m, step=int(jax.device_get(s.step)), train_seconds=train_seconds, best=is_best)
@@ -256,7 +260,7 @@ def improve(model_dir: str,
     return entry
 
   if not history:
-    evaluate(state)
+    evaluate(state, initial_dev)
   batcher = data_lib.ArrayBatcher(arrays, batch_size, seed=seed)
   start_kl, end_kl = kl_anneal
   bar = tqdm(total=num_steps, initial=step, desc=f'improve {os.path.basename(model_dir)}',

@@ -96,10 +96,15 @@ def _sources(data: input_pipeline.TaskData) -> list[list[int]]:
 @gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize'])
 def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
                     max_decode_len: int = 128, batch_size: int = 64) -> dict[str, Any]:
-  """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF."""
+  """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF.
+
+  `dev` may be None (an Improve step already measured its best policy on the same dev pairs).
+  """
   params = _policy_params(model, policy_dir, partitioning.create_mesh())
   out = {}
   for split, data in (('dev', dev), ('test', test)):
+    if data is None:
+      continue
     ids = evaluation.predict_ids(model, params, data.arrays['encoder_input_tokens'],
                                  batch_size=batch_size, max_decode_len=max_decode_len)
     reward = scorer.score_ids(_sources(data), ids)
@@ -214,54 +219,58 @@ def rest(workdir: str,
   stages = [dict(name='bc', dir=bc_dir, grow=0, improve=None, tau=None, loss='nll',
                  num_train_records=None, stage_minutes=bc['minutes'])]
 
-  # -- Grow / score / Improve ----------------------------------------------------------------------
+  # -- Grow / score / Improve, each stage evaluated as soon as it is done -------------------------
   policy_dir, rm_dir, scorer = bc_dir, os.path.join(workdir, 'rm'), None
   grows = []
+
+  def evaluate_stage(st, dev_metrics=None):
+    """Test (and, unless an Improve step measured it already, dev) metrics of a stage's policy."""
+    ev_dir = os.path.join(workdir, 'eval', st['name'])
+    ev = _run_stage(ev_dir, evaluate_policy, model, st['dir'], scorer,
+                    None if dev_metrics else dev, test, detok)
+    if dev_metrics:
+      ev.update({f'dev_{k}': dev_metrics[k] for k in ('reward', 'bleu', 'chrf')})
+    st.update({k: v for k, v in ev.items() if k != 'minutes'})
+    st['eval_minutes'] = ev['minutes']
+    st['minutes'] = st['stage_minutes'] + ev['minutes']
+
   for g in range(1, num_grow_steps + 1):
     grow_dir = os.path.join(workdir, f'grow_{g}')
     gr = _run_stage(grow_dir, lambda: {'manifest': grow_lib.grow(
         grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)})
     if g == 1 or retrain_rm:
       rm_dir = os.path.join(workdir, 'rm' if g == 1 else f'rm_{g}')
-      rm = _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
+      _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
           rm_dir, grow_dir=grow_dir, task=task)})
-      scorer = None
-    if scorer is None:
       scorer = rm_model.load_reward_model(rm_dir)
+    if g == 1:
+      evaluate_stage(stages[0])
     scored_dir = os.path.join(workdir, f'scored_{g}')
     sc = _run_stage(scored_dir, lambda: {'manifest': scoring.score(
         scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task)})
     grows.append(dict(grow=g, dir=grow_dir, scored_dir=scored_dir, policy_dir=policy_dir,
-                      grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
+                      rm_dir=rm_dir, grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
                       counts=gr['manifest']['counts']))
     records = None
     for i in range(num_improve_steps + 1):
       step_dir = os.path.join(workdir, f'improve_{g}_{i}')
       if _stage_done(step_dir) is None and records is None:
         records = scoring.read_scored_records(scored_dir)
-      prev = policy_dir
+      prev, prev_dev = policy_dir, {k: stages[-1][f'dev_{k}'] for k in ('reward', 'bleu', 'chrf')}
       imp = _run_stage(step_dir, lambda: {'summary': improve_lib.improve(
           step_dir, model=model, scored_dir=scored_dir, init_policy_dir=prev, rm_dir=rm_dir,
           prior_policy_dir=bc_dir, task=task, tau=taus[i], threshold_mode=mode,
-          dev_examples=dev_examples, records=records, scorer=scorer)})
+          dev_examples=dev_examples, records=records, scorer=scorer, initial_dev=prev_dev)})
       s = imp['summary']
-      stages.append(dict(name=f'G{g}I{i}', dir=step_dir, grow=g, improve=i, tau=taus[i],
-                         loss=s['loss'], num_train_records=s['filter']['kept_records'],
-                         distinct_sources=s['filter']['distinct_sources'],
-                         stage_minutes=imp['minutes'], best_step=s['best_step'],
-                         steps=s['steps']))
+      st = dict(name=f'G{g}I{i}', dir=step_dir, grow=g, improve=i, tau=taus[i], loss=s['loss'],
+                num_train_records=s['filter']['kept_records'],
+                distinct_sources=s['filter']['distinct_sources'], stage_minutes=imp['minutes'],
+                best_step=s['best_step'], steps=s['steps'])
+      best = max(s['history'], key=lambda e: e['reward'])
+      evaluate_stage(st, dev_metrics=best)
+      stages.append(st)
       policy_dir = step_dir
-    grows[-1]['rm_dir'] = rm_dir
 
-  # -- evaluation of every stage -------------------------------------------------------------------
-  if scorer is None:
-    scorer = rm_model.load_reward_model(rm_dir)
-  for st in tqdm(stages, desc='evaluate stages', unit='stage'):
-    ev_dir = os.path.join(st['dir'], 'eval') if st['dir'].startswith(workdir) else \
-        os.path.join(workdir, 'bc_eval')
-    ev = _run_stage(ev_dir, evaluate_policy, model, st['dir'], scorer, dev, test, detok)
-    st.update({k: v for k, v in ev.items()})
-    st['minutes'] = st['stage_minutes'] + ev['minutes']
   bon = {}
   test_bon = test.subset(min(best_of_n_examples, len(test)))
   for name in best_of_n_stages:

@@ -1,0 +1,104 @@
+"""The ReST loop end to end (`rest-jax rest`) on the real corpus with very small models.
+
+BC (a few steps) -> Grow 1 -> reward model -> score -> Improve 0..2 -> evaluation -> report, then
+the same loop killed right after Grow and resumed: the report must be the same.
+"""
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from rest_jax import main as main_lib
+from rest_jax.rewards import train_rm
+
+TINY = [
+    '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
+    '--gin.rest.bc_params_file=None', '--gin.rest.num_grow_steps=1',
+    '--gin.rest.dev_examples=8', '--gin.rest.test_examples=8', '--gin.rest.best_of_n_examples=8',
+    "--gin.rest.best_of_n_stages=('bc', 'last')",
+    '--gin.models.TransformerConfig.emb_dim=32', '--gin.models.TransformerConfig.mlp_dim=64',
+    '--gin.models.TransformerConfig.num_heads=2', '--gin.models.TransformerConfig.head_dim=16',
+    '--gin.models.TransformerConfig.num_encoder_layers=1',
+    '--gin.models.TransformerConfig.num_decoder_layers=1',
+    '--gin.train.batch_size=8', '--gin.train.inputs_length=32', '--gin.train.targets_length=32',
+    '--gin.train.num_steps=4', '--gin.train.max_minutes=None', '--gin.train.eval_every_steps=100',
+    '--gin.train.eval_examples=8', '--gin.train.max_decode_len=8',
+    '--gin.train.max_train_examples=64', '--gin.make_optimizer.warmup_steps=2',
+    '--gin.grow.max_sources=16', '--gin.grow.num_decodes=3', '--gin.grow.max_decode_len=8',
+    '--gin.grow.chunk_size=8', '--gin.grow.batch_size=8',
+    '--gin.rewards.RewardModelConfig.emb_dim=16', '--gin.rewards.RewardModelConfig.mlp_dim=32',
+    '--gin.rewards.RewardModelConfig.num_layers=1', '--gin.rewards.RewardModelConfig.num_heads=2',
+    '--gin.rewards.RewardModelConfig.head_dim=8',
+    '--gin.train_reward_model.num_steps=4', '--gin.train_reward_model.batch_size=8',
+    '--gin.train_reward_model.max_minutes=None', '--gin.train_reward_model.dev_fraction=0.25',
+    '--gin.improve.num_steps=4', '--gin.improve.eval_every_steps=2', '--gin.improve.batch_size=8',
+    '--gin.improve.max_decode_len=8',
+    '--gin.evaluate_policy.max_decode_len=8', '--gin.evaluate_policy.batch_size=8',
+    '--gin.best_of_n.max_decode_len=8', "--gin.best_of_n.ns=(1, 2, 4)",
+    '--gin.best_of_n.batch_size=8',
+]
+TIMING_KEYS = ('minutes', 'stage_minutes', 'grow_minutes', 'score_minutes',
+               'minutes_this_invocation', 'minutes_total', 'scored_dir')
+
+
+def run(args):
+  gin.clear_config()
+  main_lib.main(args)
+
+
+def _strip(obj):
+  """The report without wall-clock times and paths (what a resumed run legitimately changes)."""
+  if isinstance(obj, dict):
+    return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
+  if isinstance(obj, list):
+    return [_strip(v) for v in obj]
+  return obj
+
+
+def _report(workdir):
+  with open(os.path.join(workdir, 'report.json')) as f:
+    return json.load(f)
+
+
+def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
+  straight = str(tmp_path / 'straight')
+  run(['rest', f'--workdir={straight}'] + TINY)
+  report = _report(straight)
+  names = [s['name'] for s in report['stages']]
+  assert names == ['bc', 'G1I0', 'G1I1', 'G1I2']
+  taus = [s['tau'] for s in report['stages']]
+  assert taus == [None, 0.0, 0.7, 0.8]
+  for s in report['stages']:
+    for key in ('dev_reward', 'test_reward', 'test_bleu', 'test_chrf', 'minutes'):
+      assert np.isfinite(s[key]), (s['name'], key)
+    assert 0.0 <= s['test_reward'] <= 100.0
+  kept = [s['num_train_records'] for s in report['stages'][1:]]
+  assert kept[0] == report['grows'][0]['records']  # tau = 0 keeps every record ...
+  assert kept[0] > kept[1] >= kept[2] > 0           # ... and the schedule keeps fewer and fewer.
+  assert report['grows'][0]['sources'] == 16 and report['grows'][0]['samples_drawn'] == 48
+  assert set(report['best_of_n']) == {'bc', 'G1I2'}
+  for b in report['best_of_n'].values():
+    assert b['n'] == [1, 2, 4]
+    assert b['reward'][0] <= b['reward'][1] <= b['reward'][2]  # Nested candidate sets.
+  assert report['bleu_signature'].startswith('nrefs:1|case:mixed')
+  assert sorted(report['plots']) == ['plots/best_of_n.png', 'plots/reward_hist_grow_1.png',
+                                     'plots/reward_per_stage.png', 'plots/reward_vs_bleu.png']
+  with open(os.path.join(straight, 'report.md')) as f:
+    assert '| G1I2 | 1 | 2 | 0.80 |' in f.read()
+
+  # Killed right after Grow 1 (the reward model's training never starts), then resumed.
+  resumed = str(tmp_path / 'resumed')
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt('killed after Grow')
+  with monkeypatch.context() as m:
+    m.setattr(train_rm, 'train_reward_model', killed)
+    with pytest.raises(KeyboardInterrupt):
+      run(['rest', f'--workdir={resumed}'] + TINY)
+  assert os.path.exists(os.path.join(resumed, 'grow_1', 'stage.json'))
+  assert not os.path.exists(os.path.join(resumed, 'rm'))
+  run(['rest', f'--workdir={resumed}'] + TINY)
+  assert _strip(_report(resumed)) == _strip(report)
