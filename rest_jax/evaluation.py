@@ -45,21 +45,25 @@ def _jitted_predict(model, method: str, max_decode_len: int, num_decodes: int, b
 
 def predict_ids(model, params, encoder_input_tokens: np.ndarray, batch_size: int = 64,
                 max_decode_len: int = 128, method: str = 'greedy', beam_size: int = 4,
-                beam_alpha: float = 0.6) -> list[list[int]]:
+                beam_alpha: float = 0.6, decode_length_ratio: float | None = 2.0
+                ) -> list[list[int]]:
   """Decodes `[n, src_len]` int32 sources; returns n token-id lists (through EOS, no padding).
 
   Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
-  zero-padded) trimmed to a length bucket, so decoding compiles once per bucket.
+  zero-padded) trimmed to a length bucket, so decoding compiles once per bucket. A batch decodes
+  at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
   """
   n = len(encoder_input_tokens)
   order = np.argsort(data_lib.lengths(encoder_input_tokens), kind='stable')
-  predict = _jitted_predict(model, method, max_decode_len,
-                            1 if method == 'greedy' else beam_size, beam_alpha)
   out: list[list[int] | None] = [None] * n
   for start in range(0, n, batch_size):
     rows = order[start:start + batch_size]
     src = encoder_input_tokens[rows]
-    src = src[:, :data_lib.bucket_length(int(data_lib.lengths(src).max()), LENGTH_BUCKETS)]
+    bucket = data_lib.bucket_length(int(data_lib.lengths(src).max()), LENGTH_BUCKETS)
+    src = src[:, :bucket]
+    predict = _jitted_predict(
+        model, method, data_lib.decode_length(bucket, max_decode_len, decode_length_ratio),
+        1 if method == 'greedy' else beam_size, beam_alpha)
     batch, real = data_lib.pad_batch({'encoder_input_tokens': src}, batch_size)
     tokens = np.asarray(jax.device_get(predict(params, batch)))
     for r, t in zip(rows, tokens[:real]):

@@ -123,7 +123,8 @@ def _score_fn(model):
 def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
                       source_indices: np.ndarray, *, seed: int, num_decodes: int,
                       temperature: float, topk: int = 0, topp: float = 0.0,
-                      max_decode_len: int = 128, mesh=None, batch_size: int = 32,
+                      max_decode_len: int = 128, decode_length_ratio: float | None = 2.0,
+                      mesh=None, batch_size: int = 32,
                       progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
   """Draws `num_decodes` candidates per source from the policy (ReST Grow, sec. 2).
 
@@ -139,6 +140,9 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
     temperature, topk, topp: sampling distribution (`decoding.sample_logits`; temperature
       <= 1e-4 is greedy).
     max_decode_len: L, tokens per candidate incl. EOS.
+    decode_length_ratio: candidates of a source in length bucket s stop after
+      `data.decode_length(s, L, ratio)` tokens (None: L). A candidate is a prefix-closed function
+      of its key, so the bound only truncates: it never changes the tokens drawn before it.
     mesh: a `Mesh(('data', 'model'))`; default: all local devices, `create_mesh` (gin) partitions.
     batch_size: sources per decoding batch (rounded up to a multiple of the `data` axis; the
       last batch of each length bucket is padded with zero rows, dropped afterwards). Sources are
@@ -156,7 +160,6 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
   n, N, L = len(enc), num_decodes, max_decode_len
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
   bs = _global_batch(batch_size, mesh)
-  fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), L)
   key = jax.random.PRNGKey(seed)
   out = {'tokens': np.zeros((n, N, L), np.int32),
          'logprob_sampling': np.zeros((n, N), np.float32),
@@ -165,12 +168,18 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
   buckets = _buckets(enc)
   with _mesh_context(mesh):
     for rows in _grouped_batches(buckets, bs):
+      steps = data_lib.decode_length(int(buckets[rows[0]]), L, decode_length_ratio)
+      fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps)
       batch, real = data_lib.pad_batch({'enc': enc[rows, :buckets[rows[0]]],
                                         'idx': idx[rows].astype(np.int32)}, bs)
       batch = _shard(batch, mesh)
       res = jax.device_get(fn(params, batch['enc'], batch['idx'], key))
       for k in out:
-        out[k][rows] = np.asarray(res[k])[:real]
+        v = np.asarray(res[k])[:real]
+        if k == 'tokens':
+          out[k][rows, :, :steps] = v
+        else:
+          out[k][rows] = v
       if progress:
         progress(len(rows))
   return out
@@ -353,6 +362,7 @@ def grow(output_dir: str,
          topk: int = 0,
          topp: float = 0.0,
          max_decode_len: int = 128,
+         decode_length_ratio: float | None = 2.0,
          batch_size: int = 32,
          chunk_size: int = 1024,
          seed: int = 0,
@@ -375,6 +385,8 @@ def grow(output_dir: str,
     task, split: SeqIO task and split whose sources are grown (the paper grows the train split).
     num_decodes: N samples per source. temperature, topk, topp: sampling (paper: T = 0.8).
     max_decode_len: tokens per sample incl. EOS.
+    decode_length_ratio: a sample of a source in length bucket s has at most
+      min(max_decode_len, ratio * s) tokens (`data.decode_length`; None: max_decode_len).
     batch_size: sources per decoding batch (see `sample_candidates`); not part of the settings
       (it does not change which samples are drawn).
     chunk_size: sources per chunk file (the unit of resumption).
@@ -416,7 +428,8 @@ def grow(output_dir: str,
   p, P = jax.process_index(), jax.process_count()
   settings = dict(policy_dir=os.path.abspath(policy_dir) if policy_dir else None, task=task,
                   split=split, num_decodes=num_decodes, temperature=float(temperature), topk=topk,
-                  topp=float(topp), max_decode_len=max_decode_len, chunk_size=chunk_size, seed=seed,
+                  topp=float(topp), max_decode_len=max_decode_len,
+                  decode_length_ratio=decode_length_ratio, chunk_size=chunk_size, seed=seed,
                   grow_step=grow_step, max_sources=max_sources,
                   source_every=source_every, num_sources=num_sources,
                   inputs_length=inputs_length, targets_length=targets_length,
@@ -472,7 +485,9 @@ def grow(output_dir: str,
       bar.set_postfix(cand_s=f'{bar.n * num_decodes / (time.perf_counter() - start):,.1f}')
     samples = sample_candidates(model, params, enc, rows, seed=seed, num_decodes=num_decodes,
                                 temperature=temperature, topk=topk, topp=topp,
-                                max_decode_len=max_decode_len, mesh=mesh, batch_size=batch_size,
+                                max_decode_len=max_decode_len,
+                                decode_length_ratio=decode_length_ratio, mesh=mesh,
+                                batch_size=batch_size,
                                 progress=progress)
     ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
                            mesh=mesh, batch_size=batch_size)

@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'train_rm',
-                                          'score', 'rm-check'])
+  parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest',
+                                          'compare_losses', 'train_rm', 'score', 'rm-check'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
   parser.add_argument('--workdir', default='workdir')
@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   elif args.command == 'rest':
     from rest_jax import rest as rest_lib
     rest_lib.rest(args.workdir)
+  elif args.command == 'compare_losses':
+    from rest_jax import rest as rest_lib
+    rest_lib.compare_losses(args.workdir)
 
 
 if __name__ == '__main__':

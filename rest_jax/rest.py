@@ -291,3 +291,80 @@ def _bound(name: str) -> bool:
     return True
   except ValueError:
     return False
+
+
+@gin.configurable(denylist=['workdir'])
+def compare_losses(workdir: str,
+                   model=gin.REQUIRED,
+                   losses: Sequence[str] = ('bc', 'gold', 'bvmpo', 'oac'),
+                   grow_step: int = 1,
+                   num_improve_steps: int = 2,
+                   task: str = 'libreoffice_help_de_en',
+                   dev_examples: int = 200,
+                   test_examples: int | None = 500,
+                   inputs_length: int = 128,
+                   targets_length: int = 128) -> dict[str, Any]:
+  """The offline-RL losses compared on the same scored Grow data (ReST sec. 5, Table 1's losses).
+
+  Reads a finished loop in `workdir` (its `bc/` or the policy that grew `grow_<grow_step>`, `rm/`,
+  `scored_<grow_step>/`) and, for every loss, runs Improve steps 0..`num_improve_steps` from that
+  Grow's policy into `workdir/losses/<loss>/improve_<g>_<i>/`, each evaluated like the loop's
+  stages. Resumable like the loop. Writes `workdir/losses.json` and `workdir/losses.md`.
+  """
+  from rest_jax.rewards import model as rm_model, scoring
+  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  detok = input_pipeline.detokenizer(task)
+  dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
+                                        max_examples=dev_examples)
+  test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
+                                         max_examples=test_examples)
+  with open(os.path.join(workdir, f'grow_{grow_step}', 'settings.json')) as f:
+    start_policy = json.load(f)['policy_dir']
+  scored_dir = os.path.join(workdir, f'scored_{grow_step}')
+  rm_dir = os.path.join(workdir, 'rm')
+  bc_dir = os.path.join(workdir, 'bc')
+  scorer = rm_model.load_reward_model(rm_dir)
+  schedule = filtering.threshold_schedule()
+  taus, mode = [t.tau for t in schedule], schedule[0].mode
+  start = _run_stage(os.path.join(workdir, 'losses', 'start_eval'), evaluate_policy, model,
+                     start_policy, scorer, dev, test, detok)
+  records = None
+  rows = []
+  for loss in losses:
+    policy_dir = start_policy
+    prev_dev = {k: start[f'dev_{k}'] for k in ('reward', 'bleu', 'chrf')}
+    for i in range(num_improve_steps + 1):
+      step_dir = os.path.join(workdir, 'losses', loss, f'improve_{grow_step}_{i}')
+      if _stage_done(step_dir) is None and records is None:
+        records = scoring.read_scored_records(scored_dir)
+      prev = policy_dir
+      imp = _run_stage(step_dir, lambda: {'summary': improve_lib.improve(
+          step_dir, model=model, scored_dir=scored_dir, init_policy_dir=prev, rm_dir=rm_dir,
+          prior_policy_dir=bc_dir, task=task, tau=taus[i], threshold_mode=mode, loss=loss,
+          dev_examples=dev_examples, records=records, scorer=scorer, initial_dev=prev_dev)})
+      best = max(imp['summary']['history'], key=lambda e: e['reward'])
+      prev_dev = {k: best[k] for k in ('reward', 'bleu', 'chrf')}
+      policy_dir = step_dir
+    ev = _run_stage(os.path.join(step_dir, 'eval'), evaluate_policy, model, step_dir, scorer,
+                    None, test, detok)
+    rows.append(dict(loss=loss, stage=f'G{grow_step}I{num_improve_steps}',
+                     dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],
+                     test_bleu=ev['test_bleu'], test_chrf=ev['test_chrf']))
+  result = {'start': {k: start[k] for k in ('dev_reward', 'test_reward', 'test_bleu',
+                                            'test_chrf')},
+            'start_policy': start_policy, 'losses': rows, 'taus': taus[:num_improve_steps + 1],
+            'mode': mode, 'bleu_signature': start['bleu_signature']}
+  trainer_lib.write_json(os.path.join(workdir, 'losses.json'), result)
+  lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
+           f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
+           f'from `{start_policy}`; rewards: learned RM, 0-100; BLEU: greedy, '
+           f'`{start["bleu_signature"]}`.', '',
+           '| loss | dev reward | test reward | test BLEU | test chrF |', '|---|---|---|---|---|',
+           f"| (start) | {start['dev_reward']:.2f} | {start['test_reward']:.2f} "
+           f"| {start['test_bleu']:.2f} | {start['test_chrf']:.2f} |"]
+  lines += [f"| {r['loss']} | {r['dev_reward']:.2f} | {r['test_reward']:.2f} | "
+            f"{r['test_bleu']:.2f} | {r['test_chrf']:.2f} |" for r in rows]
+  with open(os.path.join(workdir, 'losses.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  return result

@@ -10,12 +10,14 @@ ReST filters Grow samples by a reward model's score. This one reads the source x
     packed sequence, then `num_layers` bidirectional pre-LN encoder layers (the `EncoderLayer` of
     `rest_jax.models.transformer`: self-attention over every non-padding position, ReLU MLP) and a
     final LayerNorm.
-  * Pooling: the mean of the final states over the source positions and, separately, over the
-    candidate positions (a zero vector for a part without tokens, so an empty candidate works),
-    concatenated with log(1 + n) of each part's token count n: mean pooling alone forgets how long
-    the parts are, and the length ratio is what gives away truncated, repeated or unrelated
-    candidates.
-  * Head: a ReLU layer [2 * emb_dim + 2, mlp_dim] and a linear layer [mlp_dim, 1]: raw score
+  * Pooling: u = the mean of the final states over the source positions, v = the same over the
+    candidate positions (a zero vector for a part without tokens, so an empty candidate works).
+    The head reads [u, v, u * v, |u - v|] (the sentence-pair features of Conneau et al. 2017,
+    InferSent, sec. 3.2) and five `surface_features` computed from the ids: the two lengths and
+    their ratio (mean pooling forgets them; they give away truncated, repeated or unrelated
+    candidates), the share of candidate tokens copied from the source and the share of repeated
+    candidate bigrams.
+  * Head: a ReLU layer [4 * emb_dim + 5, mlp_dim] and a linear layer [mlp_dim, 1]: raw score
     [batch] float32 (unbounded; `RewardScorer` maps it to [0, 1] with the calibration stored beside
     the checkpoint).
 
@@ -103,6 +105,38 @@ class RewardModelConfig:
 gin.external_configurable(RewardModelConfig, 'RewardModelConfig', module='rewards')
 
 
+NUM_SURFACE_FEATURES = 5
+
+
+def surface_features(tokens: Array, segment_ids: Array) -> Array:
+  """Five surface features of each (source, candidate) row, [batch, 5] float32.
+
+  [log(1 + n_s), log(1 + n_c), log((1 + n_c) / (1 + n_s)), copy rate, bigram repeat rate], with
+  n_s / n_c the source / candidate token counts (EOS included). Lengths and their ratio are
+  baseline features of translation quality estimation (QuEst, Specia et al. 2013); mean pooling
+  alone would forget them. The copy rate (share of the candidate's content tokens, ids > EOS,
+  that occur in the source) and the repeat rate (share of the candidate's adjacent token pairs
+  that equal an earlier pair of the candidate) expose the two degenerate outputs a policy can
+  drift to (copying the source, looping), which a small model sees only through them in a few
+  minutes of training.
+  """
+  src = segment_ids == SOURCE_SEGMENT
+  cand = segment_ids == CANDIDATE_SEGMENT
+  n_s = jnp.sum(src, axis=1).astype(jnp.float32)
+  n_c = jnp.sum(cand, axis=1).astype(jnp.float32)
+  same = tokens[:, :, None] == tokens[:, None, :]  # [b, i, j]
+  content = cand & (tokens > tfm.EOS_ID)
+  in_source = jnp.any(same & src[:, None, :], axis=-1) & content
+  copy_rate = jnp.sum(in_source, axis=1) / jnp.maximum(jnp.sum(content, axis=1), 1)
+  pair = cand[:, :-1] & cand[:, 1:]  # Bigram (i, i + 1) inside the candidate.
+  same_pair = same[:, :-1, :-1] & same[:, 1:, 1:] & pair[:, None, :]
+  earlier = jnp.tril(jnp.ones(same_pair.shape[1:], bool), k=-1)[None]
+  repeats = jnp.any(same_pair & earlier, axis=-1) & pair
+  repeat_rate = jnp.sum(repeats, axis=1) / jnp.maximum(jnp.sum(pair, axis=1), 1)
+  return jnp.stack([jnp.log1p(n_s), jnp.log1p(n_c), jnp.log((1 + n_c) / (1 + n_s)),
+                    copy_rate.astype(jnp.float32), repeat_rate.astype(jnp.float32)], axis=-1)
+
+
 class RewardModel(nn.Module):
   """Source + candidate -> raw scalar reward (see the module docstring for the architecture)."""
   config: RewardModelConfig
@@ -139,12 +173,13 @@ class RewardModel(nn.Module):
     for i in range(cfg.num_layers):
       x = tfm.EncoderLayer(tcfg, name=f'layers_{i}')(x, mask, deterministic)
     x = tfm.LayerNorm(tcfg, name='encoder_norm')(x).astype(jnp.float32)
-    feats = []
+    pooled = []
     for seg_id in (SOURCE_SEGMENT, CANDIDATE_SEGMENT):
       w = (segment_ids == seg_id).astype(jnp.float32)[:, :, None]  # [b, length, 1]
-      n = jnp.sum(w, axis=1)  # [b, 1] tokens of the part.
-      feats += [jnp.sum(x * w, axis=1) / jnp.maximum(n, 1.0), jnp.log1p(n)]
-    h = jnp.concatenate(feats, axis=-1)  # [b, 2 * embed + 2]
+      pooled.append(jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0))
+    u, v = pooled
+    h = jnp.concatenate([u, v, u * v, jnp.abs(u - v), surface_features(tokens, segment_ids)],
+                        axis=-1)  # [b, 4 * embed + NUM_SURFACE_FEATURES]
     wi = self.param('head_hidden_kernel', tfm._init(tfm._dense_init, (None, 'mlp')),
                     (h.shape[-1], cfg.mlp_dim), jnp.float32)
     bi = self.param('head_hidden_bias', tfm._init(tfm._zeros, ('mlp',)), (cfg.mlp_dim,),

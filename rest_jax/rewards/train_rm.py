@@ -42,6 +42,7 @@ import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,65 @@ def epoch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
   return _plan(tuple(int(l) for l in lengths), batch_size, seed, epoch, pool_batches)
 
 
+def lsi_embedding(sources: np.ndarray, targets: np.ndarray, vocab_size: int,
+                  dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """Cross-lingual LSI token vectors from a parallel corpus (Dumais et al. 1997, after Deerwester
+  et al. 1990), to initialise the reward model's token embedding.
+
+  Every sentence pair is one document holding the ids of its source and of its target (PAD, EOS and
+  UNK dropped). The token x pair matrix holds log(1 + count) * idf, idf = log((n + 1) / (df + 1));
+  its rank-`dim` truncated SVD U S V^T gives token i the vector (U S)[i]. A word and its
+  translation occur in the same pairs, so their vectors are close although they never share a
+  sentence; mean-pooled over a sentence, they make a source and its translation similar.
+
+  Args:
+    sources, targets: [n, length] int token ids of the n pairs (0 = PAD).
+    vocab_size: rows of the result. dim: vector size (< min(vocab_size, n)).
+
+  Returns:
+    (E [vocab_size, dim] float32 scaled to unit standard deviation like `Embed`'s N(0, 1) init,
+     present [vocab_size] bool: the token occurs in the corpus; other rows of E are 0).
+
+  Raises:
+    ValueError: dim >= the number of pairs or of tokens.
+  """
+  import scipy.sparse as sp
+  from scipy.sparse.linalg import svds
+  n = len(sources)
+  if dim >= min(n, vocab_size):
+    raise ValueError(f'LSI of dimension {dim} needs more than {dim} pairs and tokens ({n} pairs)')
+  rows, cols = [], []
+  for a in (np.asarray(sources), np.asarray(targets)):
+    r, c = np.nonzero(a > 2)
+    rows.append(a[r, c])
+    cols.append(r)
+  rows, cols = np.concatenate(rows), np.concatenate(cols)
+  m = sp.csr_matrix((np.ones(len(rows), np.float64), (rows, cols)), shape=(vocab_size, n))
+  m.data = np.log1p(m.data)  # csr_matrix sums duplicate entries first: log(1 + count).
+  df = np.asarray((m > 0).sum(axis=1)).ravel()
+  m = sp.diags(np.log((n + 1.0) / (df + 1.0))) @ m
+  u, s, _ = svds(m, k=dim, random_state=0)
+  e = u[:, ::-1] * s[::-1]  # Largest singular value first.
+  present = df > 0
+  e = e / max(float(e[present].std()), 1e-12)
+  e[~present] = 0.0
+  return e.astype(np.float32), present
+
+
+def init_params(config: rm_model.RewardModelConfig, seed: int,
+                embedding: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+  """Fresh (unboxed) params; with `embedding` = (E, present), token rows with present=True are E."""
+  x = jnp.ones((1, 8), jnp.int32)
+  params = jax.jit(lambda r: nn.meta.unbox(rm_model.RewardModel(config).init(r, x, x)['params']))(
+      jax.random.PRNGKey(seed))
+  if embedding is not None:
+    e, present = embedding
+    old = params['token_embedder']['embedding']
+    params['token_embedder']['embedding'] = jnp.where(jnp.asarray(present)[:, None],
+                                                      jnp.asarray(e, old.dtype), old)
+  return params
+
+
 class _TrainModel:
   """Adapts `RewardModel` to `trainer.Trainer` (get_initial_variables, loss_fn) on [B, K, L]."""
 
@@ -203,7 +263,7 @@ class _TrainModel:
 def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
         objective: str = 'bradley_terry', num_steps: int = 1000, batch_size: int = 16,
         learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 1e-4,
-        max_minutes: float | None = None, seed: int = 0, mesh=None,
+        max_minutes: float | None = None, seed: int = 0, mesh=None, params: Any = None,
         desc: str = 'train_rm') -> tuple[Any, dict[str, Any]]:
   """Trains a fresh `RewardModel` on `pack_by_source` arrays.
 
@@ -217,6 +277,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     learning_rate, warmup_steps, weight_decay: AdamW (`trainer.make_optimizer`, clip norm 1).
     max_minutes: also stop after this much wall-clock training time (compilation included).
     seed: init, batch order and dropout seed. mesh: default `partitioning.create_mesh()`.
+    params: start from these (unboxed) params instead of a random init (`init_params`).
 
   Returns:
     (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds, final_loss,
@@ -234,7 +295,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
       learning_rate=learning_rate, warmup_steps=warmup_steps, schedule='cosine',
       decay_steps=num_steps, weight_decay=weight_decay, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0)
   t = trainer_lib.Trainer(_TrainModel(config, objective), opt, mesh, seed=seed)
-  state = t.init_state({'tokens': (bs, 1, 8)})
+  state = t.init_state({'tokens': (bs, 1, 8)}, params=params)
   buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
   lengths = (arrays['segment_ids'] != 0).sum(-1).max(-1)  # [S] longest packed row per source.
   per_epoch = num_sources // bs
@@ -310,7 +371,7 @@ def _check_settings(output_dir: str, settings: Mapping[str, Any]) -> dict | None
   return summary
 
 
-@gin.configurable(denylist=['output_dir', 'tokenize', 'mesh'])
+@gin.configurable(denylist=['output_dir', 'tokenize', 'corpus', 'mesh'])
 def train_reward_model(output_dir: str,
                        grow_dir: str = gin.REQUIRED,
                        task: str = 'libreoffice_help_de_en',
@@ -326,8 +387,10 @@ def train_reward_model(output_dir: str,
                        add_negatives: bool = True,
                        seed: int = 0,
                        config: rm_model.RewardModelConfig = rm_model.RewardModelConfig(),
+                       embedding_init: str | None = 'lsi',
                        eval_batch_size: int = 64,
                        tokenize: Callable[[str], Sequence[int]] | None = None,
+                       corpus: tuple[np.ndarray, np.ndarray] | None = None,
                        mesh=None) -> dict[str, Any]:
   """Trains a reward model on a Grow's records labelled by a simulated oracle (module docstring).
 
@@ -344,8 +407,11 @@ def train_reward_model(output_dir: str,
     add_negatives: add the synthetic `negatives.KINDS` to every source (train and dev).
     seed: init / batch order / dropout and the choice of the 'other_reference' negative.
     config: the `RewardModelConfig` (gin: `RM_CONFIG`).
+    embedding_init: 'lsi': the token embedding starts from `lsi_embedding` of the task's train
+      split (pairs of the dev sources left out), else (None) random N(0, 1).
     eval_batch_size: rows per forward pass when scoring the dev records.
     tokenize: text -> ids without EOS (default: the task's vocabulary; tests pass their own).
+    corpus: (sources, targets) [n, length] int ids for the LSI instead of the task's train split.
     mesh: training mesh (default `partitioning.create_mesh()`).
 
   Returns:
@@ -367,7 +433,8 @@ def train_reward_model(output_dir: str,
       'settings_hash'), task=task, objective=objective, oracle=oracle, num_steps=num_steps,
                   batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                   weight_decay=weight_decay, max_minutes=max_minutes, dev_fraction=dev_fraction,
-                  add_negatives=add_negatives, seed=seed, config=config.to_json())
+                  add_negatives=add_negatives, seed=seed, config=config.to_json(),
+                  embedding_init=embedding_init)
   done = _check_settings(output_dir, settings)
   if done is not None:
     logging.info('train_rm: %s is complete', output_dir)
@@ -391,12 +458,29 @@ def train_reward_model(output_dir: str,
   logging.info('train_rm: %d train / %d dev sources, %d / %d candidates (oracle %s)',
                len(sources) - len(dev_sources), len(dev_sources), len(train), len(dev), oracle)
 
+  embedding = None
+  if embedding_init == 'lsi':
+    if corpus is None:
+      from rest_jax import input_pipeline
+      cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
+      td = input_pipeline.cached_task_data(task, 'train', 128, 128, cache)
+      corpus = (td.arrays['encoder_input_tokens'], td.arrays['decoder_target_tokens'])
+    dev_src = {tuple(ids) for ids, keep in zip(dev.source_ids, dev.kind) if keep == 'reference'}
+    keep = np.array([tuple(grow_lib._trim(row)) not in dev_src for row in corpus[0]])
+    embedding = lsi_embedding(corpus[0][keep], corpus[1][keep], config.vocab_size,
+                              config.emb_dim)
+    logging.info('train_rm: LSI embedding from %d pairs (%d of dev sources left out)',
+                 int(keep.sum()), int((~keep).sum()))
+  elif embedding_init is not None:
+    raise ValueError(f"unknown embedding_init {embedding_init!r}: use 'lsi' or None")
+
   mesh = mesh if mesh is not None else partitioning.create_mesh()
   arrays = pack_by_source(train, train.labels[oracle], config.max_len)
   state, info = fit(config, arrays, objective=objective, num_steps=num_steps,
                     batch_size=batch_size, learning_rate=learning_rate,
                     warmup_steps=warmup_steps, weight_decay=weight_decay,
-                    max_minutes=max_minutes, seed=seed, mesh=mesh)
+                    max_minutes=max_minutes, seed=seed, mesh=mesh,
+                    params=init_params(config, seed, embedding))
 
   scorer = rm_model.RewardScorer(config, state.params, None, task=task, mesh=mesh)
   raw = scorer.raw_scores(dev.source_ids, dev.candidate_ids, eval_batch_size)
