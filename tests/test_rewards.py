@@ -16,8 +16,22 @@ from rest_jax.rewards import model as rm_model
 
 V = 32
 MARKER = 7
-TINY = rm_model.RewardModelConfig(vocab_size=V, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+TINY = rm_model.RewardModelConfig(vocab_size=V, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=64,
                                   num_layers=1, dropout_rate=0.0, max_len=32)
+
+
+def make_corpus(n=64, seed=3):
+  """A parallel corpus whose 'translation' of token t (3..16) is t + 14, EOS-terminated."""
+  rng = np.random.default_rng(seed)
+  src, tgt = np.zeros((n, 10), np.int32), np.zeros((n, 10), np.int32)
+  for i in range(n):
+    words = rng.choice(np.arange(3, 17), rng.integers(2, 8), replace=False)
+    src[i, :len(words) + 1] = list(words) + [1]
+    tgt[i, :len(words) + 1] = list(words + 14) + [1]
+  return src, tgt
+
+
+CORPUS = make_corpus()
 
 
 def tokenize(text):
@@ -77,6 +91,10 @@ def test_bradley_terry_loss_by_hand_and_its_gradient():
   tied = scores.copy()
   tied[1] = [1.0, 1.0, 0.0, 0.0]
   assert float(rm_model.pairwise_accuracy(tied, targets, mask)) == pytest.approx(2.5 / 3)
+  # Comparison groups (bit masks): candidate 2 shares no bit with 0, so pair (0 > 2) is dropped.
+  groups = np.array([[1, 3, 2, 1], [1, 1, 0, 0]], np.int32)
+  assert float(rm_model.bradley_terry_loss(scores, targets, mask, groups)) == pytest.approx(
+      (nls(1.0) + nls(3.0)) / 2, rel=1e-6)
   # Weighted MSE: ((1 - 0.5)^2 * 1 + (2 - 0)^2 * 0 + (0 - 1)^2 * 2) / 3 = 2.25 / 3.
   assert float(rm_model.regression_loss(np.array([1.0, 2.0, 0.0]), np.array([0.5, 0.0, 1.0]),
                                         np.array([1.0, 0.0, 2.0]))) == pytest.approx(0.75)
@@ -92,6 +110,19 @@ def test_pack_inputs_cuts_the_source_first_and_takes_empty_candidates():
   assert tokens.dtype == segs.dtype == np.int32
   long_tokens, _ = rm_model.pack_inputs([[3, 1]], [list(range(2, 12))], max_len=6)
   np.testing.assert_array_equal(long_tokens, [[2, 3, 4, 5, 6, 7]])
+
+
+def test_lsi_embedding_puts_translations_together():
+  e, present = train_rm.lsi_embedding(*CORPUS, vocab_size=V, dim=8)
+  assert e.shape == (V, 8) and e.dtype == np.float32
+  np.testing.assert_array_equal(present, [t in range(3, 31) for t in range(V)])
+  assert (e[~present] == 0).all() and e[present].std() == pytest.approx(1.0, rel=1e-4)
+  unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
+  for t in range(3, 17):
+    sims = unit[range(17, 31)] @ unit[t]
+    assert np.argmax(sims) == t - 3, t  # its translation t + 14 is the nearest target token
+  with pytest.raises(ValueError, match='LSI of dimension 40'):
+    train_rm.lsi_embedding(*CORPUS, vocab_size=V, dim=40)
 
 
 # -- a tiny RM learns a synthetic preference -------------------------------------------------------
@@ -175,7 +206,8 @@ def rm_dir(grow_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp('rm') / 'rm'
   summary = train_rm.train_reward_model(str(out), grow_dir=str(grow_dir), task='tiny',
                                         num_steps=6, batch_size=8, warmup_steps=2,
-                                        dev_fraction=0.25, config=TINY, tokenize=tokenize)
+                                        dev_fraction=0.25, config=TINY, tokenize=tokenize,
+                                        corpus=CORPUS)
   return out, summary
 
 
@@ -185,6 +217,7 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
   c = summary['counts']
   assert c['grow_records'] == N_SOURCES * 4 and c['train_sources'] + c['dev_sources'] == 12
   assert c['train_candidates']['empty'] == c['train_sources']  # one of each negative per source
+  assert c['train_candidates']['repeated_sample'] == 3 * c['train_sources']  # degraded_samples=3
   assert c['dev_candidates']['reference'] == c['dev_sources'] >= 1
   dev = summary['dev']
   for part in ('grow_records', 'with_negatives'):
@@ -192,7 +225,7 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
       assert set(dev[part][name]) == {'pairwise_accuracy', 'num_pairs', 'kendall_tau', 'pearson'}
   with open(out / 'rm_config.json') as f:
     saved = json.load(f)
-  assert saved['oracle'] == 'chrf' and saved['objective'] == 'bradley_terry'
+  assert saved['oracle'] == 'chrf' and saved['objective'] == 'bradley_terry+regression'
   assert saved['calibration']['low'] <= saved['calibration']['high']
   assert rm_model.RewardModelConfig.from_json(saved['config']) == TINY
   scorer = rm_model.load_reward_model(str(out), tokenize=tokenize)
@@ -202,12 +235,12 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
   # A finished run is returned as is; other settings are refused.
   again = train_rm.train_reward_model(str(out), grow_dir=str(grow_dir), task='tiny', num_steps=6,
                                       batch_size=8, warmup_steps=2, dev_fraction=0.25,
-                                      config=TINY, tokenize=tokenize)
+                                      config=TINY, tokenize=tokenize, corpus=CORPUS)
   assert again == json.load(open(out / 'rm_summary.json'))
   with pytest.raises(ValueError, match='num_steps 6 -> 7'):
     train_rm.train_reward_model(str(out), grow_dir=str(grow_dir), task='tiny', num_steps=7,
                                 batch_size=8, warmup_steps=2, dev_fraction=0.25, config=TINY,
-                                tokenize=tokenize)
+                                tokenize=tokenize, corpus=CORPUS)
 
 
 def scored_files(d):

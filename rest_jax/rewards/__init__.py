@@ -5,6 +5,8 @@
   the `RewardScorer` used at scoring time.
 * `train_rm`: trains the reward model on Grow records labelled by a *simulated* preference oracle
   (a metric against the reference; no human ratings).
+* `negatives`: the synthetic bad candidates (copy of the source, empty, repeated, truncated,
+  another reference) used as extra training data and by the sanity check.
 * `scoring`: scores every Grow record once (`scored-*.tfrecord`, resumable per chunk).
 * `check`: sanity check of a reward on hand-made bad candidates (`rm_check.json`).
 """

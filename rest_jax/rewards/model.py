@@ -13,11 +13,11 @@ ReST filters Grow samples by a reward model's score. This one reads the source x
   * Pooling: u = the mean of the final states over the source positions, v = the same over the
     candidate positions (a zero vector for a part without tokens, so an empty candidate works).
     The head reads [u, v, u * v, |u - v|] (the sentence-pair features of Conneau et al. 2017,
-    InferSent, sec. 3.2) and five `surface_features` computed from the ids: the two lengths and
+    InferSent, sec. 3.2) and six `surface_features` computed from the ids: the two lengths and
     their ratio (mean pooling forgets them; they give away truncated, repeated or unrelated
-    candidates), the share of candidate tokens copied from the source and the share of repeated
-    candidate bigrams.
-  * Head: a ReLU layer [4 * emb_dim + 5, mlp_dim] and a linear layer [mlp_dim, 1]: raw score
+    candidates), the share of candidate tokens copied from the source and the shares of repeated
+    candidate tokens and bigrams.
+  * Head: a ReLU layer [4 * emb_dim + 6, mlp_dim] and a linear layer [mlp_dim, 1]: raw score
     [batch] float32 (unbounded; `RewardScorer` maps it to [0, 1] with the calibration stored beside
     the checkpoint).
 
@@ -105,20 +105,20 @@ class RewardModelConfig:
 gin.external_configurable(RewardModelConfig, 'RewardModelConfig', module='rewards')
 
 
-NUM_SURFACE_FEATURES = 5
+NUM_SURFACE_FEATURES = 6
 
 
 def surface_features(tokens: Array, segment_ids: Array) -> Array:
-  """Five surface features of each (source, candidate) row, [batch, 5] float32.
+  """Six surface features of each (source, candidate) row, [batch, 6] float32.
 
-  [log(1 + n_s), log(1 + n_c), log((1 + n_c) / (1 + n_s)), copy rate, bigram repeat rate], with
-  n_s / n_c the source / candidate token counts (EOS included). Lengths and their ratio are
-  baseline features of translation quality estimation (QuEst, Specia et al. 2013); mean pooling
-  alone would forget them. The copy rate (share of the candidate's content tokens, ids > EOS,
-  that occur in the source) and the repeat rate (share of the candidate's adjacent token pairs
-  that equal an earlier pair of the candidate) expose the two degenerate outputs a policy can
-  drift to (copying the source, looping), which a small model sees only through them in a few
-  minutes of training.
+  [log(1 + n_s), log(1 + n_c), log((1 + n_c) / (1 + n_s)), copy rate, repeat rate, bigram repeat
+  rate], with n_s / n_c the source / candidate token counts (EOS included). Lengths and their
+  ratio are baseline features of translation quality estimation (QuEst, Specia et al. 2013); mean
+  pooling alone would forget them. Over the candidate's content tokens (ids > EOS): the copy rate
+  is the share that occur in the source, the repeat rate the share equal to an earlier content
+  token, the bigram repeat rate the share of adjacent content-token pairs equal to an earlier
+  pair. They expose the degenerate outputs a policy can drift to (copying the source, looping),
+  which a small model trained for minutes would not find on its own.
   """
   src = segment_ids == SOURCE_SEGMENT
   cand = segment_ids == CANDIDATE_SEGMENT
@@ -128,13 +128,15 @@ def surface_features(tokens: Array, segment_ids: Array) -> Array:
   content = cand & (tokens > tfm.EOS_ID)
   in_source = jnp.any(same & src[:, None, :], axis=-1) & content
   copy_rate = jnp.sum(in_source, axis=1) / jnp.maximum(jnp.sum(content, axis=1), 1)
-  pair = cand[:, :-1] & cand[:, 1:]  # Bigram (i, i + 1) inside the candidate.
+  earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)[None]  # [1, i, j]: j < i.
+  repeats = jnp.any(same & content[:, None, :] & earlier, axis=-1) & content
+  repeat_rate = jnp.sum(repeats, axis=1) / jnp.maximum(jnp.sum(content, axis=1), 1)
+  pair = content[:, :-1] & content[:, 1:]  # Bigram (i, i + 1) of candidate content tokens.
   same_pair = same[:, :-1, :-1] & same[:, 1:, 1:] & pair[:, None, :]
-  earlier = jnp.tril(jnp.ones(same_pair.shape[1:], bool), k=-1)[None]
-  repeats = jnp.any(same_pair & earlier, axis=-1) & pair
-  repeat_rate = jnp.sum(repeats, axis=1) / jnp.maximum(jnp.sum(pair, axis=1), 1)
-  return jnp.stack([jnp.log1p(n_s), jnp.log1p(n_c), jnp.log((1 + n_c) / (1 + n_s)),
-                    copy_rate.astype(jnp.float32), repeat_rate.astype(jnp.float32)], axis=-1)
+  pair_repeats = jnp.any(same_pair & earlier[:, :-1, :-1], axis=-1) & pair
+  pair_repeat_rate = jnp.sum(pair_repeats, axis=1) / jnp.maximum(jnp.sum(pair, axis=1), 1)
+  return jnp.stack([jnp.log1p(n_s), jnp.log1p(n_c), jnp.log((1 + n_c) / (1 + n_s)), copy_rate,
+                    repeat_rate, pair_repeat_rate], axis=-1).astype(jnp.float32)
 
 
 class RewardModel(nn.Module):
@@ -232,17 +234,23 @@ def regression_loss(pred: Array, target: Array, weights: Array) -> Array:
   return jnp.sum(w * err) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
-def preference_pairs(targets: Array, mask: Array) -> Array:
+def preference_pairs(targets: Array, mask: Array, groups: Array | None = None) -> Array:
   """[B, K, K] bool: P[b, i, j] = candidates i and j of row b are valid and targets_i > targets_j.
 
-  Ties (targets_i == targets_j) make no pair.
+  Ties (targets_i == targets_j) make no pair. With `groups` ([B, K] int bit masks), i and j must
+  also share a comparison group (groups_i & groups_j != 0).
   """
   m = jnp.asarray(mask).astype(bool)
   t = jnp.asarray(targets, jnp.float32)
-  return m[:, :, None] & m[:, None, :] & (t[:, :, None] > t[:, None, :])
+  p = m[:, :, None] & m[:, None, :] & (t[:, :, None] > t[:, None, :])
+  if groups is not None:
+    g = jnp.asarray(groups, jnp.int32)
+    p = p & ((g[:, :, None] & g[:, None, :]) != 0)
+  return p
 
 
-def bradley_terry_loss(scores: Array, targets: Array, mask: Array) -> Array:
+def bradley_terry_loss(scores: Array, targets: Array, mask: Array,
+                       groups: Array | None = None) -> Array:
   """Pairwise Bradley-Terry loss of the candidates of each source ([] float32, nats).
 
   For every row b (one source) and every pair (i, j) of its valid candidates with
@@ -256,20 +264,23 @@ def bradley_terry_loss(scores: Array, targets: Array, mask: Array) -> Array:
     scores: [B, K] float raw reward-model scores.
     targets: [B, K] float oracle rewards (only their order within a row matters).
     mask: [B, K] bool / {0, 1}, 1 = a real candidate.
+    groups: optional [B, K] int bit masks: only candidates sharing a bit are compared
+      (`preference_pairs`); None compares all.
   """
-  p = preference_pairs(targets, mask).astype(jnp.float32)
+  p = preference_pairs(targets, mask, groups).astype(jnp.float32)
   s = jnp.asarray(scores, jnp.float32)
   diff = s[:, :, None] - s[:, None, :]
   return jnp.sum(p * -jax.nn.log_sigmoid(diff)) / jnp.maximum(jnp.sum(p), 1.0)
 
 
-def pairwise_accuracy(scores: Array, targets: Array, mask: Array) -> Array:
+def pairwise_accuracy(scores: Array, targets: Array, mask: Array,
+                      groups: Array | None = None) -> Array:
   """Share of the `preference_pairs` the scores order like the targets ([] float32).
 
   A pair (i preferred over j) counts 1 if scores_i > scores_j, 1/2 if the scores tie, 0 otherwise;
-  0 if there is no pair. Shapes as in `bradley_terry_loss`.
+  0 if there is no pair. Arguments as in `bradley_terry_loss`.
   """
-  p = preference_pairs(targets, mask).astype(jnp.float32)
+  p = preference_pairs(targets, mask, groups).astype(jnp.float32)
   s = jnp.asarray(scores, jnp.float32)
   diff = s[:, :, None] - s[:, None, :]
   correct = (diff > 0).astype(jnp.float32) + 0.5 * (diff == 0).astype(jnp.float32)

@@ -10,6 +10,13 @@ should rank below y:
     one-word y);
   * 'other_reference': the reference of another source (fluent, but not a translation of x).
 
+For training only, `SAMPLE_KINDS` apply the two length degradations to a policy sample s as well:
+'repeated_sample' (s twice) and 'truncated_sample' (the first half of s). The oracle ranks a
+repeated or half reference above most policy samples (chrF ~0.8 and ~0.45 against ~0.25), so the
+reference-based negatives alone teach "long and reference-like is good"; the degraded samples
+teach that repeating or cutting a candidate lowers *its own* reward, which is what `rm_check` and a
+policy drifting to loops or truncation put to the test.
+
 Their ids come from the same tokenizer as the policy's candidates (SentencePiece ids + EOS).
 """
 
@@ -22,13 +29,30 @@ import numpy as np
 from rest_jax.models.transformer import EOS_ID
 
 KINDS = ('copy_source', 'empty', 'repeated', 'truncated', 'other_reference')
+SAMPLE_KINDS = ('repeated_sample', 'truncated_sample')
+
+
+def _repeat(text: str) -> str:
+  return f'{text} {text}'
+
+
+def _first_half(text: str) -> str:
+  words = text.split()
+  return ' '.join(words[:len(words) // 2])
 
 
 def synthetic_texts(source: str, reference: str, other_reference: str) -> dict[str, str]:
   """kind -> candidate text, for the `KINDS` above (in that order)."""
-  words = reference.split()
-  return {'copy_source': source, 'empty': '', 'repeated': f'{reference} {reference}',
-          'truncated': ' '.join(words[:len(words) // 2]), 'other_reference': other_reference}
+  return {'copy_source': source, 'empty': '', 'repeated': _repeat(reference),
+          'truncated': _first_half(reference), 'other_reference': other_reference}
+
+
+def degraded_samples(sample: str, tokenize: Callable[[str], Sequence[int]]
+                     ) -> list[tuple[str, str, list[int]]]:
+  """[(kind, text, ids)] of the `SAMPLE_KINDS` of one policy sample (ids + [EOS])."""
+  return [(kind, text, [int(i) for i in tokenize(text)] + [EOS_ID])
+          for kind, text in (('repeated_sample', _repeat(sample)),
+                             ('truncated_sample', _first_half(sample)))]
 
 
 def synthetic_candidates(source: str, reference: str, other_reference: str,

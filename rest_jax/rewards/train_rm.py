@@ -9,14 +9,25 @@ to reproduce the oracle's order. No human ratings are involved anywhere.
 Data, per Grow source (`grow.read_grow_records`): the reference record and the distinct policy
 samples; with `add_negatives`, also the five synthetic candidates of `negatives.KINDS` (copy of
 the source, empty output, reference twice, first half of the reference, another source's
-reference), labelled by the same oracle. Sources are split into train / dev by a deterministic
-hash of `source_index` (`is_dev`), so the dev sources are the same in every run.
+reference) and two degraded copies (`negatives.SAMPLE_KINDS`: twice, first half) of each of the
+first `degraded_samples` policy samples, all labelled by the same oracle. Sources are split into
+train / dev by a deterministic hash of `source_index` (`is_dev`), the same in every run.
 
-Training: one batch = `batch_size` sources x K candidates (K = the most candidates of any source;
-absent ones masked), `objective` 'bradley_terry' (`model.bradley_terry_loss` over the pairs of
-each source) or 'regression' (`model.regression_loss` of the raw score to the oracle reward);
-AdamW (`trainer.make_optimizer`, cosine decay), the jitted sharded step of `trainer.Trainer`
-(dropout rng `fold_in(PRNGKey(seed), step)`).
+Model init: the token embedding starts from cross-lingual LSI vectors of the task's parallel
+train split (`lsi_embedding`; the dev sources' pairs left out) and by default stays fixed; the
+rest is random (`model.RewardModel`).
+
+Training: one batch = `batch_size` sources x K candidates (K = the most candidates of any
+source; absent ones masked). `objective`: 'bradley_terry' (`model.bradley_terry_loss`),
+'regression' (`model.regression_loss` of the raw score to the oracle reward) or their sum
+'bradley_terry+regression' (the pairs order the candidates of a source, the regression ties the
+scores of different sources to one scale, which Improve's single threshold needs). Bradley-Terry
+pairs form inside comparison groups of a source only: the policy's samples with the reference;
+the reference with its synthetic negatives; each degraded sample with its original. The oracle
+ranks a repeated or half reference above most policy samples, and such cross-group pairs teach
+"long and reference-like beats everything" rather than "a degraded candidate is worse than its
+original". AdamW (`trainer.make_optimizer`, cosine decay), the jitted sharded step of
+`trainer.Trainer` (dropout rng `fold_in(PRNGKey(seed), step)`).
 
 Evaluation on the dev sources: pairwise accuracy against the oracle (pairs within a source),
 Kendall tau and Pearson r of the raw scores against the oracle (pooled over dev records), and the
@@ -47,6 +58,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import stats
 from tqdm import tqdm
 
@@ -59,6 +71,11 @@ from rest_jax.rewards import negatives as neg_lib
 
 SUMMARY_FILE = 'rm_summary.json'
 GROW_KINDS = ('reference', 'sample')
+# Comparison groups (bit masks; Bradley-Terry pairs only form inside a group): the policy's
+# candidates with the reference; the reference with its synthetic negatives; the d-th degraded
+# sample with its degraded copies (bit GROUP_SAMPLE_NEGATIVES << d).
+GROUP_GROW, GROUP_REFERENCE_NEGATIVES, GROUP_SAMPLE_NEGATIVES = 1, 2, 4
+OBJECTIVES = ('bradley_terry', 'regression', 'bradley_terry+regression')
 
 
 def is_dev(source_index: int, dev_fraction: float) -> bool:
@@ -77,6 +94,7 @@ class Candidates:
   candidate: list[str]
   reference: list[str]
   labels: dict[str, np.ndarray]      # metric name -> [m] float32 reward vs the reference.
+  groups: np.ndarray | None = None   # [m] int comparison-group bit masks (None: one group).
 
   def __len__(self):
     return len(self.kind)
@@ -86,19 +104,22 @@ class Candidates:
     pick = lambda xs: [xs[i] for i in idx]
     return Candidates(self.source_index[idx], pick(self.kind), pick(self.source_ids),
                       pick(self.candidate_ids), pick(self.candidate), pick(self.reference),
-                      {k: v[idx] for k, v in self.labels.items()})
+                      {k: v[idx] for k, v in self.labels.items()},
+                      None if self.groups is None else self.groups[idx])
 
 
 def build_candidates(records: Sequence[Mapping[str, Any]], *, add_negatives: bool,
                      tokenize: Callable[[str], Sequence[int]] | None, seed: int,
-                     metrics: Sequence[str]) -> Candidates:
+                     metrics: Sequence[str], degraded_samples: int = 1) -> Candidates:
   """The Grow records (+ synthetic negatives per source) with their metric labels.
 
   Args:
     records: Grow records (`grow.RECORD_FIELDS`), any order; per source the reference record and
       the samples.
-    add_negatives: add `negatives.KINDS` per source; the 'other_reference' one is the reference
-      of a random other source (`negatives.other_indices`, `seed`).
+    add_negatives: add `negatives.KINDS` per source (the 'other_reference' one is the reference
+      of a random other source, `negatives.other_indices`, `seed`) and the `negatives.SAMPLE_KINDS`
+      of its first `degraded_samples` non-empty samples (each sample with its degraded copies in
+      a comparison group of its own).
     tokenize: text -> ids (no EOS) for the negatives' ids.
     metrics: labels to compute (`metrics.sentence_rewards` of candidate vs reference).
   """
@@ -109,24 +130,49 @@ def build_candidates(records: Sequence[Mapping[str, Any]], *, add_negatives: boo
   refs = {i: next(r for r in by_source[i] if r['origin'] == 'reference') for i in sources}
   others = neg_lib.other_indices(len(sources), seed)
   cols: dict[str, list] = {k: [] for k in ('source_index', 'kind', 'source_ids',
-                                           'candidate_ids', 'candidate', 'reference')}
+                                           'candidate_ids', 'candidate', 'reference', 'groups')}
 
-  def add(i, kind, text, ids):
+  def add(i, kind, text, ids, group):
     for k, v in zip(cols, (i, kind, list(refs[i]['source_ids']), list(ids), text,
-                           refs[i]['reference'])):
+                           refs[i]['reference'], group)):
       cols[k].append(v)
 
   for n, i in enumerate(sources):
+    # The first non-empty samples by candidate index (arbitrary draws) get degraded copies.
+    samples = sorted((r for r in by_source[i] if r['origin'] == 'sample' and
+                      r['candidate'].strip()), key=lambda r: r['candidate_index'])
+    degraded = samples[:degraded_samples] if add_negatives else []
     for r in sorted(by_source[i], key=lambda r: r['candidate_index']):
-      add(i, r['origin'], r['candidate'], r['candidate_ids'])
+      group = GROUP_GROW
+      if add_negatives and r['origin'] == 'reference':
+        group |= GROUP_REFERENCE_NEGATIVES
+      for d, s in enumerate(degraded):
+        if r is s:
+          group |= GROUP_SAMPLE_NEGATIVES << d
+      add(i, r['origin'], r['candidate'], r['candidate_ids'], group)
     if add_negatives:
       other = refs[sources[others[n]]]['reference']
       for kind, text, ids in neg_lib.synthetic_candidates(refs[i]['source'], refs[i]['reference'],
                                                           other, tokenize):
-        add(i, kind, text, ids)
+        add(i, kind, text, ids, GROUP_REFERENCE_NEGATIVES)
+    for d, s in enumerate(degraded):
+      for kind, text, ids in neg_lib.degraded_samples(s['candidate'], tokenize):
+        add(i, kind, text, ids, GROUP_SAMPLE_NEGATIVES << d)
   labels = metrics_lib.sentence_rewards(cols['candidate'], cols['reference'], metrics)
   return Candidates(np.asarray(cols['source_index'], np.int64), cols['kind'], cols['source_ids'],
-                    cols['candidate_ids'], cols['candidate'], cols['reference'], labels)
+                    cols['candidate_ids'], cols['candidate'], cols['reference'], labels,
+                    np.asarray(cols['groups'], np.int32))
+
+
+def sample_rank(cands: Candidates) -> np.ndarray:
+  """[m] int: a policy sample's rank among its source's samples (in list order), -1 otherwise."""
+  seen: dict[int, int] = {}
+  out = -np.ones((len(cands),), np.int64)
+  for j, (i, kind) in enumerate(zip(cands.source_index, cands.kind)):
+    if kind == 'sample':
+      out[j] = seen.get(int(i), 0)
+      seen[int(i)] = out[j] + 1
+  return out
 
 
 def group_by_source(source_index: np.ndarray) -> np.ndarray:
@@ -141,13 +187,15 @@ def group_by_source(source_index: np.ndarray) -> np.ndarray:
 
 def pack_by_source(cands: Candidates, targets: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
   """Training arrays, one row per source: tokens / segment_ids [S, K, max_len] int32, targets
-  [S, K] float32 (the oracle rewards), mask [S, K] float32 (1 = a real candidate)."""
+  [S, K] float32 (the oracle rewards), mask [S, K] float32 (1 = a real candidate), groups [S, K]
+  int32 (comparison-group bit masks, 0 on padding; all 1 if `cands.groups` is None)."""
   tokens, segs = rm_model.pack_inputs(cands.source_ids, cands.candidate_ids, max_len)
   idx = group_by_source(cands.source_index)
-  safe = np.maximum(idx, 0)
-  mask = (idx >= 0).astype(np.float32)
-  return {'tokens': tokens[safe] * (idx >= 0)[..., None], 'segment_ids': segs[safe] * (
-      idx >= 0)[..., None], 'targets': np.asarray(targets, np.float32)[safe] * mask, 'mask': mask}
+  safe, real = np.maximum(idx, 0), idx >= 0
+  groups = np.ones((len(cands),), np.int32) if cands.groups is None else cands.groups
+  return {'tokens': tokens[safe] * real[..., None], 'segment_ids': segs[safe] * real[..., None],
+          'targets': np.asarray(targets, np.float32)[safe] * real,
+          'mask': real.astype(np.float32), 'groups': groups[safe] * real}
 
 
 @functools.lru_cache(maxsize=2)
@@ -237,8 +285,8 @@ class _TrainModel:
   """Adapts `RewardModel` to `trainer.Trainer` (get_initial_variables, loss_fn) on [B, K, L]."""
 
   def __init__(self, config: rm_model.RewardModelConfig, objective: str):
-    if objective not in ('bradley_terry', 'regression'):
-      raise ValueError(f"unknown objective {objective!r}: use 'bradley_terry' or 'regression'")
+    if objective not in OBJECTIVES:
+      raise ValueError(f'unknown objective {objective!r}: use one of {OBJECTIVES}')
     self.module = rm_model.RewardModel(config)
     self.objective = objective
 
@@ -252,11 +300,12 @@ class _TrainModel:
         {'params': params}, batch['tokens'].reshape(b * k, l),
         batch['segment_ids'].reshape(b * k, l), enable_dropout=rng is not None,
         rngs={'dropout': rng} if rng is not None else None).reshape(b, k)
-    if self.objective == 'bradley_terry':
-      loss = rm_model.bradley_terry_loss(scores, batch['targets'], batch['mask'])
-    else:
-      loss = rm_model.regression_loss(scores, batch['targets'], batch['mask'])
-    acc = rm_model.pairwise_accuracy(scores, batch['targets'], batch['mask'])
+    loss = 0.0
+    if 'bradley_terry' in self.objective:
+      loss += rm_model.bradley_terry_loss(scores, batch['targets'], batch['mask'], batch['groups'])
+    if 'regression' in self.objective:
+      loss += rm_model.regression_loss(scores, batch['targets'], batch['mask'])
+    acc = rm_model.pairwise_accuracy(scores, batch['targets'], batch['mask'], batch['groups'])
     return loss, {'pairwise_accuracy': acc, 'num_tokens': jnp.sum(batch['mask'])}
 
 
@@ -264,7 +313,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
         objective: str = 'bradley_terry', num_steps: int = 1000, batch_size: int = 16,
         learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 1e-4,
         max_minutes: float | None = None, seed: int = 0, mesh=None, params: Any = None,
-        desc: str = 'train_rm') -> tuple[Any, dict[str, Any]]:
+        train_embedding: bool = True, desc: str = 'train_rm') -> tuple[Any, dict[str, Any]]:
   """Trains a fresh `RewardModel` on `pack_by_source` arrays.
 
   Args:
@@ -278,6 +327,8 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     max_minutes: also stop after this much wall-clock training time (compilation included).
     seed: init, batch order and dropout seed. mesh: default `partitioning.create_mesh()`.
     params: start from these (unboxed) params instead of a random init (`init_params`).
+    train_embedding: False keeps the token embedding fixed (e.g. at its LSI init): the other
+      parameters are few, so the model learns rules instead of memorising tokens.
 
   Returns:
     (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds, final_loss,
@@ -294,6 +345,10 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   opt = trainer_lib.make_optimizer(
       learning_rate=learning_rate, warmup_steps=warmup_steps, schedule='cosine',
       decay_steps=num_steps, weight_decay=weight_decay, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0)
+  if not train_embedding:
+    label = lambda p: {k: (jax.tree.map(lambda _: 'frozen', v) if k == 'token_embedder' else
+                           jax.tree.map(lambda _: 'train', v)) for k, v in p.items()}
+    opt = optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, label)
   t = trainer_lib.Trainer(_TrainModel(config, objective), opt, mesh, seed=seed)
   state = t.init_state({'tokens': (bs, 1, 8)}, params=params)
   buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
@@ -338,7 +393,8 @@ def evaluate_scores(raw: np.ndarray, cands: Candidates,
     raw: [m] raw scores of `cands`. against: label names of `cands.labels`.
 
   Returns:
-    per label: pairwise_accuracy (pairs within a source, `model.pairwise_accuracy`), num_pairs,
+    per label: pairwise_accuracy (all pairs within a source, no comparison groups;
+    `model.pairwise_accuracy`), num_pairs,
     kendall_tau and pearson (scipy.stats, pooled over all m candidates; NaN if a side is
     constant); plus num_records and num_sources.
   """
@@ -375,19 +431,22 @@ def _check_settings(output_dir: str, settings: Mapping[str, Any]) -> dict | None
 def train_reward_model(output_dir: str,
                        grow_dir: str = gin.REQUIRED,
                        task: str = 'libreoffice_help_de_en',
-                       objective: str = 'bradley_terry',
+                       objective: str = 'bradley_terry+regression',
                        oracle: str = 'chrf',
-                       num_steps: int = 1000,
-                       batch_size: int = 16,
-                       learning_rate: float = 1e-3,
-                       warmup_steps: int = 100,
+                       num_steps: int = 2000,
+                       batch_size: int = 8,
+                       learning_rate: float = 5e-3,
+                       warmup_steps: int = 50,
                        weight_decay: float = 1e-4,
                        max_minutes: float | None = None,
                        dev_fraction: float = 0.1,
                        add_negatives: bool = True,
+                       degraded_samples: int = 3,
+                       max_samples: int | None = 4,
                        seed: int = 0,
                        config: rm_model.RewardModelConfig = rm_model.RewardModelConfig(),
                        embedding_init: str | None = 'lsi',
+                       train_embedding: bool = False,
                        eval_batch_size: int = 64,
                        tokenize: Callable[[str], Sequence[int]] | None = None,
                        corpus: tuple[np.ndarray, np.ndarray] | None = None,
@@ -398,17 +457,23 @@ def train_reward_model(output_dir: str,
     output_dir: where checkpoints/, rm_config.json and rm_summary.json go (`<workdir>/rm`).
     grow_dir: a finished Grow (`rest-jax grow` output).
     task: SeqIO task whose SentencePiece vocabulary tokenizes the negatives (the policy's).
-    objective: 'bradley_terry' (pairs within a source) or 'regression' (MSE to the oracle).
+    objective: 'bradley_terry' (pairs within the comparison groups of a source), 'regression'
+      (MSE of the raw score to the oracle reward) or 'bradley_terry+regression' (their sum).
     oracle: the metric that labels every candidate vs its reference: 'chrf', 'bleu' or 'ter'.
     num_steps, batch_size (sources per batch), learning_rate, warmup_steps, weight_decay,
       max_minutes: see `fit`.
     dev_fraction: share of sources held out for evaluation and calibration (`is_dev`; at least
       one source).
-    add_negatives: add the synthetic `negatives.KINDS` to every source (train and dev).
+    add_negatives: add the synthetic `negatives.KINDS` to every source (train and dev), and the
+      `negatives.SAMPLE_KINDS` of its first `degraded_samples` policy samples.
+    max_samples: train on at most this many policy samples per source (the first by candidate
+      index; None: all): fewer candidates per step, more steps in `max_minutes`. Dev uses all.
     seed: init / batch order / dropout and the choice of the 'other_reference' negative.
     config: the `RewardModelConfig` (gin: `RM_CONFIG`).
     embedding_init: 'lsi': the token embedding starts from `lsi_embedding` of the task's train
       split (pairs of the dev sources left out), else (None) random N(0, 1).
+    train_embedding: also train the token embedding (False: it stays at its init; with the LSI
+      init this generalised better from ~1.3k training sources than fine-tuning it).
     eval_batch_size: rows per forward pass when scoring the dev records.
     tokenize: text -> ids without EOS (default: the task's vocabulary; tests pass their own).
     corpus: (sources, targets) [n, length] int ids for the LSI instead of the task's train split.
@@ -424,6 +489,10 @@ def train_reward_model(output_dir: str,
   """
   if oracle not in metrics_lib.METRICS:
     raise ValueError(f'unknown oracle {oracle!r}: use one of {metrics_lib.METRICS}')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'unknown objective {objective!r}: use one of {OBJECTIVES}')
+  if embedding_init not in ('lsi', None):
+    raise ValueError(f"unknown embedding_init {embedding_init!r}: use 'lsi' or None")
   manifest_path = os.path.join(grow_dir, 'manifest.json')
   if not os.path.exists(manifest_path):
     raise FileNotFoundError(f'{manifest_path} missing: no finished Grow in {grow_dir}')
@@ -433,8 +502,9 @@ def train_reward_model(output_dir: str,
       'settings_hash'), task=task, objective=objective, oracle=oracle, num_steps=num_steps,
                   batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                   weight_decay=weight_decay, max_minutes=max_minutes, dev_fraction=dev_fraction,
-                  add_negatives=add_negatives, seed=seed, config=config.to_json(),
-                  embedding_init=embedding_init)
+                  add_negatives=add_negatives, degraded_samples=degraded_samples,
+                  max_samples=max_samples, seed=seed, config=config.to_json(),
+                  embedding_init=embedding_init, train_embedding=train_embedding)
   done = _check_settings(output_dir, settings)
   if done is not None:
     logging.info('train_rm: %s is complete', output_dir)
@@ -448,13 +518,15 @@ def train_reward_model(output_dir: str,
   records = grow_lib.read_grow_records(grow_dir)
   label_names = sorted({oracle, 'bleu'})
   cands = build_candidates(records, add_negatives=add_negatives, tokenize=tokenize, seed=seed,
-                           metrics=label_names)
+                           metrics=label_names, degraded_samples=degraded_samples)
   sources = np.unique(cands.source_index)
   dev_sources = {int(i) for i in sources if is_dev(i, dev_fraction)}
   if not dev_sources and dev_fraction > 0:  # Tiny Grows: hold out at least one source.
     dev_sources = {int(min(sources, key=lambda i: hashlib.sha256(str(int(i)).encode()).digest()))}
   dev_rows = np.isin(cands.source_index, list(dev_sources))
   train, dev = cands.select(~dev_rows), cands.select(dev_rows)
+  if max_samples is not None:
+    train = train.select(sample_rank(train) < max_samples)
   logging.info('train_rm: %d train / %d dev sources, %d / %d candidates (oracle %s)',
                len(sources) - len(dev_sources), len(dev_sources), len(train), len(dev), oracle)
 
@@ -471,8 +543,6 @@ def train_reward_model(output_dir: str,
                               config.emb_dim)
     logging.info('train_rm: LSI embedding from %d pairs (%d of dev sources left out)',
                  int(keep.sum()), int((~keep).sum()))
-  elif embedding_init is not None:
-    raise ValueError(f"unknown embedding_init {embedding_init!r}: use 'lsi' or None")
 
   mesh = mesh if mesh is not None else partitioning.create_mesh()
   arrays = pack_by_source(train, train.labels[oracle], config.max_len)
@@ -480,7 +550,7 @@ def train_reward_model(output_dir: str,
                     batch_size=batch_size, learning_rate=learning_rate,
                     warmup_steps=warmup_steps, weight_decay=weight_decay,
                     max_minutes=max_minutes, seed=seed, mesh=mesh,
-                    params=init_params(config, seed, embedding))
+                    params=init_params(config, seed, embedding), train_embedding=train_embedding)
 
   scorer = rm_model.RewardScorer(config, state.params, None, task=task, mesh=mesh)
   raw = scorer.raw_scores(dev.source_ids, dev.candidate_ids, eval_batch_size)
