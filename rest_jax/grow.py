@@ -335,7 +335,9 @@ def read_grow_records(grow_dir: str) -> list[dict[str, Any]]:
 
 # -- the command -----------------------------------------------------------------------------------
 
-def _check_settings(output_dir: str, settings: dict, settings_hash: str) -> None:
+def _check_settings(output_dir: str, settings: dict, settings_hash: str,
+                    what: str = 'a Grow') -> None:
+  """Writes `settings.json`, or raises ValueError if `output_dir` holds `what` with others."""
   path = os.path.join(output_dir, 'settings.json')
   if os.path.exists(path):
     with open(path) as f:
@@ -343,7 +345,7 @@ def _check_settings(output_dir: str, settings: dict, settings_hash: str) -> None
     if old.get('settings_hash') != settings_hash:
       prev = old.get('settings', {})
       diff = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
-      raise ValueError(f'{output_dir} holds a Grow with other settings ({", ".join(diff)}: ' +
+      raise ValueError(f'{output_dir} holds {what} with other settings ({", ".join(diff)}: ' +
                        '; '.join(f'{k} {prev.get(k)!r} -> {settings.get(k)!r}' for k in diff) +
                        '); use another output dir instead of mixing outputs')
   elif jax.process_index() == 0:

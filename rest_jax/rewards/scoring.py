@@ -91,19 +91,9 @@ def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -
 
 
 def _check_settings(output_dir: str, settings: dict) -> str:
+  """`grow._check_settings` for a scoring output dir; returns the settings hash."""
   h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-  path = os.path.join(output_dir, 'settings.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old.get('settings_hash') != h:
-      prev = old.get('settings', {})
-      diff = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
-      raise ValueError(f'{output_dir} holds scores with other settings (' +
-                       '; '.join(f'{k} {prev.get(k)!r} -> {settings.get(k)!r}' for k in diff) +
-                       '); use another output dir instead of mixing outputs')
-  else:
-    trainer_lib.write_json(path, {'settings': settings, 'settings_hash': h})
+  grow_lib._check_settings(output_dir, settings, h, what='scores')
   return h
 
 
