@@ -305,32 +305,53 @@ def _marker(chunk_path: str) -> str:
   return os.path.join(os.path.dirname(chunk_path), f'grow-{m.group(1)}.done')
 
 
+def read_chunked_records(out_dir: str, *, pattern: str, chunk_re, marker: Callable[[str], str],
+                         read: Callable[[str], Any], what: str, command: str
+                         ) -> list[dict[str, Any]]:
+  """All records of a finished chunked output (Grow, scoring), by chunk file name, in file order.
+
+  Args:
+    out_dir: the output directory (holds `manifest.json`, written last, and the chunk files).
+    pattern: glob of the chunk files in it; `chunk_re` must also match their base names.
+    marker: chunk path -> its completion marker's path.
+    read: chunk path -> its records.
+    what, command: for the messages ('Grow', 'rest-jax grow').
+
+  Raises:
+    FileNotFoundError: no `manifest.json` (unfinished), a chunk file without its completion
+      marker, or another number of chunk files than the manifest counts.
+  """
+  manifest_path = os.path.join(out_dir, 'manifest.json')
+  if not os.path.exists(manifest_path):
+    raise FileNotFoundError(f'{manifest_path} missing: the {what} in {out_dir} is unfinished '
+                            f'(rerun `{command}` to resume it) or this is no {what} dir')
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  files = sorted(p for p in glob.glob(os.path.join(out_dir, pattern))
+                 if chunk_re.search(os.path.basename(p)))
+  for p in files:
+    if not os.path.exists(marker(p)):
+      raise FileNotFoundError(f'chunk {p} has no completion marker {marker(p)}: it may be '
+                              f'partial; rerun `{command}` to redo it')
+  if len(files) != manifest['counts']['chunks']:
+    raise FileNotFoundError(f'{out_dir}: {len(files)} chunk files, manifest says '
+                            f"{manifest['counts']['chunks']}")
+  return [r for p in files for r in read(p)]
+
+
 def read_grow_records(grow_dir: str) -> list[dict[str, Any]]:
   """All records of a finished Grow, sorted by chunk file name, then in file order.
 
   Returns dicts with the `RECORD_FIELDS` (text fields as str, `*_ids` as lists of int).
 
   Raises:
-    FileNotFoundError: no `manifest.json` (Grow unfinished), a chunk file without its completion
-      marker, or fewer chunk files than the manifest counts.
+    FileNotFoundError: as `read_chunked_records` (Grow unfinished, a chunk without its marker).
   """
   import tensorflow as tf
-  manifest_path = os.path.join(grow_dir, 'manifest.json')
-  if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f'{manifest_path} missing: the Grow in {grow_dir} is unfinished '
-                            '(rerun `rest-jax grow` to resume it) or this is no Grow dir')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  files = sorted(p for p in glob.glob(os.path.join(grow_dir, 'grow-*-of-*.tfrecord'))
-                 if _CHUNK_RE.search(os.path.basename(p)))
-  for p in files:
-    if not os.path.exists(_marker(p)):
-      raise FileNotFoundError(f'chunk {p} has no completion marker {_marker(p)}: it may be '
-                              'partial; rerun `rest-jax grow` to redo it')
-  if len(files) != manifest['counts']['chunks']:
-    raise FileNotFoundError(f'{grow_dir}: {len(files)} chunk files, manifest says '
-                            f"{manifest['counts']['chunks']}")
-  return [_parse(raw) for p in files for raw in tf.data.TFRecordDataset(p).as_numpy_iterator()]
+  return read_chunked_records(
+      grow_dir, pattern='grow-*-of-*.tfrecord', chunk_re=_CHUNK_RE, marker=_marker,
+      read=lambda p: [_parse(raw) for raw in tf.data.TFRecordDataset(p).as_numpy_iterator()],
+      what='Grow', command='rest-jax grow')
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -460,15 +481,13 @@ def grow(output_dir: str,
     input_pipeline.check_vocab_size(task, model.config.vocab_size)
     detokenize = input_pipeline.detokenizer(task)
   if todo:
-    t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
-    shapes = {'encoder_input_tokens': (1, task_data.arrays['encoder_input_tokens'].shape[1]),
-              'decoder_input_tokens': (1, task_data.arrays['decoder_target_tokens'].shape[1])}
+    abstract = trainer_lib.abstract_params(model, mesh)
     if params is None:
       if not policy_dir:
         raise ValueError('grow needs a policy_dir (or params)')
-      params = trainer_lib.restore_params(policy_dir, t.abstract_state(shapes).params)
+      params = trainer_lib.restore_params(policy_dir, abstract)
     else:
-      params = jax.device_put(nn.meta.unbox(params), t.state_shardings(shapes).params)
+      params = jax.device_put(nn.meta.unbox(params), jax.tree.map(lambda a: a.sharding, abstract))
 
   total = sum(len(host_chunks[p][j]) for j, _ in todo)
   bar = tqdm(total=total, desc=f'grow {grow_step}', unit='src', dynamic_ncols=True,

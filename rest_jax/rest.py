@@ -69,19 +69,15 @@ def _run_stage(stage_dir: str, fn, *args, **kwargs) -> dict:
 
 
 def _policy_params(model, policy_dir: str, mesh):
-  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
-  shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
-  return trainer_lib.restore_params(policy_dir, t.abstract_state(shapes).params)
+  return trainer_lib.restore_params(policy_dir, trainer_lib.abstract_params(model, mesh))
 
 
 def import_policy(model_dir: str, model, params_file: str) -> dict:
   """Makes `model_dir` a BC run whose best checkpoint holds the params of `params_file` (.npz)."""
   if not os.path.exists(params_file) and not os.path.isabs(params_file):
     params_file = os.path.join(_ROOT, params_file)  # Relative to the repository.
-  mesh = partitioning.create_mesh()
-  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
-  shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
-  params = trainer_lib.load_params_npz(params_file, t.abstract_state(shapes).params)
+  params = trainer_lib.load_params_npz(
+      params_file, trainer_lib.abstract_params(model, partitioning.create_mesh()))
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='imported')
   ckpt.save_best(trainer_lib.TrainState(step=np.int32(0), params=params, opt_state=None),
                  {'imported': 1.0})
@@ -293,6 +289,16 @@ def _bound(name: str) -> bool:
     return False
 
 
+def _same_improve(loop_dir: str, loss: str, tau: float, mode: str, init_policy_dir: str) -> bool:
+  """Whether the loop's finished Improve step in `loop_dir` is the run compare_losses would do."""
+  done = _stage_done(loop_dir)
+  if done is None:
+    return False
+  s = done['summary']
+  return (s.get('loss') == loss and s.get('tau') == tau and s.get('threshold_mode') == mode and
+          os.path.abspath(s.get('init_policy_dir', '')) == os.path.abspath(init_policy_dir))
+
+
 @gin.configurable(denylist=['workdir'])
 def compare_losses(workdir: str,
                    model=gin.REQUIRED,
@@ -308,8 +314,11 @@ def compare_losses(workdir: str,
 
   Reads a finished loop in `workdir` (its `bc/` or the policy that grew `grow_<grow_step>`, `rm/`,
   `scored_<grow_step>/`) and, for every loss, runs Improve steps 0..`num_improve_steps` from that
-  Grow's policy into `workdir/losses/<loss>/improve_<g>_<i>/`, each evaluated like the loop's
-  stages. Resumable like the loop. Writes `workdir/losses.json` and `workdir/losses.md`.
+  Grow's policy into `workdir/losses/<loss>/improve_<g>_<i>/`, then evaluates the last one on
+  test (`workdir/losses/<loss>/eval/`). An Improve step the loop itself already ran with the same
+  loss, threshold and starting policy (the loop's own loss) is reused from
+  `workdir/improve_<g>_<i>/`, not run again. Resumable like the loop. Writes
+  `workdir/losses.json` and `workdir/losses.md`.
   """
   from rest_jax.rewards import model as rm_model, scoring
   cache = os.path.join(os.path.abspath(workdir), 'cache')
@@ -335,6 +344,9 @@ def compare_losses(workdir: str,
     prev_dev = {k: start[f'dev_{k}'] for k in ('reward', 'bleu', 'chrf')}
     for i in range(num_improve_steps + 1):
       step_dir = os.path.join(workdir, 'losses', loss, f'improve_{grow_step}_{i}')
+      loop_dir = os.path.join(workdir, f'improve_{grow_step}_{i}')
+      if _same_improve(loop_dir, loss, taus[i], mode, policy_dir):
+        step_dir = loop_dir  # The loop already ran this very Improve step: reuse it.
       if _stage_done(step_dir) is None and records is None:
         records = scoring.read_scored_records(scored_dir)
       prev = policy_dir
@@ -345,7 +357,8 @@ def compare_losses(workdir: str,
       best = max(imp['summary']['history'], key=lambda e: e['reward'])
       prev_dev = {k: best[k] for k in ('reward', 'bleu', 'chrf')}
       policy_dir = step_dir
-    ev = _run_stage(os.path.join(step_dir, 'eval'), evaluate_policy, model, step_dir, scorer,
+    ev = _run_stage(os.path.join(workdir, 'losses', loss, 'eval'), evaluate_policy, model,
+                    step_dir, scorer,
                     None, test, detok)
     rows.append(dict(loss=loss, stage=f'G{grow_step}I{num_improve_steps}',
                      dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],

@@ -220,9 +220,7 @@ def evaluate(model_dir: str,
   its first pairs (None: all).
   """
   mesh = partitioning.create_mesh()
-  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh)
-  shapes = _input_shapes(batch_size, inputs_length, targets_length)
-  params = trainer_lib.restore_params(model_dir, t.abstract_state(shapes).params)
+  params = trainer_lib.restore_params(model_dir, trainer_lib.abstract_params(model, mesh))
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)

@@ -319,6 +319,16 @@ class Checkpointer:
     return cfg.config['metrics']
 
 
+def abstract_params(model, mesh) -> Any:
+  """`model`'s params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
+
+  The layout to restore a policy into (`restore_params`, `load_params_npz`) or to `device_put`
+  given params with; param shapes do not depend on the batch, so a [1, 16] dummy batch traces it.
+  """
+  shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
+  return Trainer(model, make_optimizer(), mesh).abstract_state(shapes).params
+
+
 def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
   """Params from a run: `<dir>/best` (best by dev metric) if present, else `<dir>/checkpoints`.
 

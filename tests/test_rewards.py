@@ -65,6 +65,20 @@ def test_metric_rewards_equal_sacrebleu_sentence_scores():
   assert metrics.sentence_rewards([''], [''])['ter'][0] == 0.0  # empty, even vs an empty ref
   with pytest.raises(ValueError, match='unknown metric'):
     metrics.sentence_rewards(['a'], ['a'], ('comet',))
+  with pytest.raises(ValueError, match='unknown metric'):
+    metrics.sentence_rewards(['a'], ['a'], ('chrf+comet',))
+
+
+def test_composite_metric_is_the_mean_and_punishes_a_doubled_reference():
+  ref = 'Click the arrow next to the icon to open the toolbar.'
+  cands = [ref, f'{ref} {ref}', 'Click the arrow to open the toolbar.']
+  r = metrics.sentence_rewards(cands, [ref] * 3, ('chrf', 'ter', 'chrf+ter'))
+  np.testing.assert_allclose(r['chrf+ter'], (r['chrf'] + r['ter']) / 2, rtol=1e-6)
+  assert r['chrf+ter'].dtype == np.float32
+  # chrF (recall-weighted) still gives the doubled reference ~0.8; TER gives it 0 (100% edits).
+  assert r['chrf'][1] > 0.75 and r['ter'][1] == 0.0
+  # So chrF ranks the doubled reference above a good shorter paraphrase; the mean does not.
+  assert r['chrf'][1] > r['chrf'][2] and r['chrf+ter'][1] < r['chrf+ter'][2]
 
 
 # -- losses ----------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ class EncoderDecoderModel:
 
     Runs the encoder once and a cache-creating decoder call on a [batch, 1] dummy
     input: self-attention K/V buffers [batch, max_decode_len, heads, kv] (zeros),
-    cross-attention K/V of the source projected once, ``cache_index`` = 0 [batch],
+    cross-attention K/V of the source projected once, ``cache_index`` = 0 [] (shared),
     ``encoder_mask`` [batch, src_len].
     """
     encoded = self.module.apply({'params': params}, encoder_input_tokens,

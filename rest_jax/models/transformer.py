@@ -26,8 +26,8 @@ causal only: with right padding, real positions never see later (padded) positio
 
 Incremental decoding (``decode=True``), t5x style, in the flax ``'cache'`` collection:
   cache = {'decoder': {
-      'cache_index':  [batch] int32  next position to write (== position of the token
-                      fed in this call; used for the sinusoidal position too),
+      'cache_index':  [] int32  next position to write (== position of the token fed in
+                      this call; used for the sinusoidal position too), shared by all rows,
       'encoder_mask': [batch, src_len] bool, source tokens != PAD,
       'layers_i': {
           'self_attention':          {'cached_key', 'cached_value'}:
@@ -35,9 +35,12 @@ Incremental decoding (``decode=True``), t5x style, in the flax ``'cache'`` colle
           'encoder_decoder_attention': {'cached_key', 'cached_value'}:
                                      [batch, src_len, heads, kv] (dtype),
       }}}
-Every cache leaf has a leading batch dimension (``cache_index`` too), so a decoding
-library may expand/gather the whole cache tree along axis 0 (beam search, multiple
-samples per input). The cross-attention keys/values of the encoded source are
+Every other cache leaf has a leading batch dimension, so a decoding library may
+expand/gather the cache tree along axis 0 (beam search, multiple samples per input)
+and leave the 0-d ``cache_index`` alone. All rows decode in lockstep, so one index
+serves them all and each step writes its keys/values with one in-place
+``dynamic_update_slice`` (a per-row index would rewrite the whole [batch,
+max_decode_len] buffer with a select at every step). The cross-attention keys/values of the encoded source are
 projected ONCE, when the cache is initialised (the first ``decode=True`` call, made
 with ``mutable=['cache']`` and no cache present), and only read afterwards.
 See ``EncoderDecoderModel.init_decode_cache`` for the intended usage.
@@ -52,6 +55,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 Array = jax.Array
@@ -259,7 +263,8 @@ class MultiHeadAttention(nn.Module):
         For causal self-attention it may be None (built here).
       deterministic: disables attention dropout.
       decode: incremental decoding with the 'cache' collection.
-      decode_index: [batch] int32, position of the current token (decode mode).
+      decode_index: [] int32, position of the current token, shared by all rows (decode
+        mode).
       max_decode_length: self-attention cache length when the cache is created
         (default q_len).
     Returns:
@@ -298,14 +303,13 @@ class MultiHeadAttention(nn.Module):
           if q_len != 1:
             raise ValueError(f'decode=True expects one token per call, got {q_len}.')
           length = cached_key.value.shape[1]
-          positions = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, L]
-          write = (positions == decode_index[:, None])[:, :, None, None]  # [b, L, 1, 1]
-          k = jnp.where(write, k.astype(cfg.dtype), cached_key.value)
-          v = jnp.where(write, v.astype(cfg.dtype), cached_value.value)
+          at = (0, decode_index, 0, 0)
+          k = lax.dynamic_update_slice(cached_key.value, k.astype(cfg.dtype), at)
+          v = lax.dynamic_update_slice(cached_value.value, v.astype(cfg.dtype), at)
           cached_key.value = k
           cached_value.value = v
-          # Attend to positions <= current index: [b, 1, 1, L].
-          mask = (positions <= decode_index[:, None])[:, None, None, :]
+          # Attend to positions <= current index: [1, 1, 1, L].
+          mask = (jnp.arange(length, dtype=jnp.int32) <= decode_index)[None, None, None, :]
       if mask is None and self.causal:
         kv_len = k.shape[1]
         mask = (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None]
@@ -434,13 +438,13 @@ class Decoder(nn.Module):
         enc_mask_var = self.variable('cache', 'encoder_mask', None)
         decode_index = index_var.value
         encoder_mask = enc_mask_var.value
-        positions = decode_index[:, None]  # [b, 1]
+        positions = decode_index[None]  # [1]
         index_var.value = decode_index + 1
       else:
         # Cache initialisation call: creates every cache variable (cross-attention
         # K/V are projected here, once). Its outputs are meant to be discarded.
         encoder_mask = encoder_input_tokens != PAD_ID
-        self.variable('cache', 'cache_index', lambda: jnp.zeros((batch,), jnp.int32))
+        self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
         self.variable('cache', 'encoder_mask', lambda: encoder_mask)
         positions = jnp.arange(tgt_len)
     else:

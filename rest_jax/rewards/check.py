@@ -78,8 +78,8 @@ def rm_check(output_dir: str,
   Raises:
     ValueError: an unknown reward, or 'rm' without `rm_dir` / `scorer`.
   """
-  if reward != 'rm' and reward not in metrics_lib.METRICS:
-    raise ValueError(f"unknown reward {reward!r}: use 'rm' or one of {metrics_lib.METRICS}")
+  if reward != 'rm':
+    metrics_lib.components(reward)  # Raises on an unknown metric ('rm' is the learned model).
   if task_data is None:
     cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
     task_data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache,

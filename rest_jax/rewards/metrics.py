@@ -13,6 +13,13 @@ evaluation. Every reward is a float32 in [0, 1], higher = better:
 * 'ter': 1 - min(TER / 100, 1), `sacrebleu.metrics.TER()` (Snover et al. 2006: edits per reference
   word; TER can exceed 100, hence the clip).
 
+A composite name 'a+b' (e.g. 'chrf+ter') is the mean of those rewards. chrF alone is
+recall-weighted (beta = 2): the reference written twice still scores ~0.8, above nearly every
+policy sample, so an RM that imitates it learns that longer is better, and a policy optimised
+against that RM inflates its outputs (BLEU falls while chrF holds). TER counts every extra or
+missing word as an edit (a doubled reference: TER 100, reward 0), so 'chrf+ter' keeps chrF's
+graded credit for partial matches and penalises repetition and truncation.
+
 An empty (or whitespace-only) candidate gets 0 under every metric.
 """
 
@@ -24,6 +31,20 @@ import numpy as np
 import sacrebleu
 
 METRICS = ('bleu', 'chrf', 'ter')
+
+
+def components(name: str) -> tuple[str, ...]:
+  """The base metrics of a (possibly composite, 'a+b') metric name.
+
+  Raises:
+    ValueError: an unknown base metric.
+  """
+  parts = tuple(name.split('+'))
+  for p in parts:
+    if p not in METRICS:
+      raise ValueError(f'unknown metric {name!r}: use one of {METRICS} or a mean of them '
+                       "joined by '+' (e.g. 'chrf+ter')")
+  return parts
 
 
 def _metric(name: str):
@@ -50,7 +71,8 @@ def sentence_rewards(candidates: Sequence[str], references: Sequence[str],
   Args:
     candidates: n hypothesis strings (detokenized text).
     references: n reference strings.
-    metrics: names among 'bleu', 'chrf', 'ter' (see the module docstring for the formulas).
+    metrics: names among 'bleu', 'chrf', 'ter', or composites such as 'chrf+ter' (the mean);
+      see the module docstring for the formulas.
 
   Returns:
     metric name -> [n] float32 rewards in [0, 1] (higher = better; 0 for an empty candidate).
@@ -60,12 +82,14 @@ def sentence_rewards(candidates: Sequence[str], references: Sequence[str],
   """
   if len(candidates) != len(references):
     raise ValueError(f'{len(candidates)} candidates vs {len(references)} references')
-  out = {}
-  for name in metrics:
+  parts = {name: components(name) for name in metrics}
+  base = {}
+  for name in sorted({p for ps in parts.values() for p in ps}):
     metric = _metric(name)
     vals = np.zeros((len(candidates),), np.float32)
     for i, (c, r) in enumerate(zip(candidates, references)):
       if c.strip():
         vals[i] = _to_reward(name, metric.sentence_score(c, [r]).score)
-    out[name] = vals
-  return out
+    base[name] = vals
+  return {name: np.mean([base[p] for p in ps], axis=0).astype(np.float32)
+          for name, ps in parts.items()}

@@ -25,7 +25,6 @@ of that chunk is written.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -172,11 +171,10 @@ def score(output_dir: str,
     raise FileNotFoundError(f'{grow_manifest_path} missing: the Grow in {grow_dir} is unfinished')
   with open(grow_manifest_path) as f:
     grow_manifest = json.load(f)
-  if reward != 'rm' and reward not in metrics_lib.METRICS:
-    raise ValueError(f"unknown reward {reward!r}: use 'rm' or one of {metrics_lib.METRICS}")
+  if reward != 'rm':
+    metrics_lib.components(reward)  # Raises on an unknown metric ('rm' is the learned model).
   for m in metrics:
-    if m not in metrics_lib.METRICS:
-      raise ValueError(f'unknown metric {m!r}: use {metrics_lib.METRICS}')
+    metrics_lib.components(m)
   if reward == 'rm' and scorer is None and not rm_dir:
     raise ValueError("reward='rm' needs an rm_dir (or use a metric as the reward)")
   rm_config = None
@@ -263,23 +261,11 @@ def read_scored_records(scored_dir: str) -> list[dict[str, Any]]:
   Returns dicts with the Grow fields plus `reward`, `reward_raw` and the metric fields.
 
   Raises:
-    FileNotFoundError: no `manifest.json` (scoring unfinished), a chunk file without its marker,
-      or fewer chunk files than the manifest counts.
+    FileNotFoundError: as `grow.read_chunked_records` (scoring unfinished, a chunk without its
+      marker, a chunk file missing).
   """
-  manifest_path = os.path.join(scored_dir, 'manifest.json')
-  if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f'{manifest_path} missing: the scoring in {scored_dir} is unfinished '
-                            '(rerun `rest-jax score` to resume it) or this is no scored dir')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  files = sorted(p for p in glob.glob(os.path.join(scored_dir, 'scored-*-of-*.tfrecord'))
-                 if _SCORED_RE.search(os.path.basename(p)))
-  for p in files:
-    k = int(_SCORED_RE.search(os.path.basename(p)).group(1))
-    if not os.path.exists(_marker(scored_dir, k)):
-      raise FileNotFoundError(f'chunk {p} has no completion marker {_marker(scored_dir, k)}: it '
-                              'may be partial; rerun `rest-jax score` to redo it')
-  if len(files) != manifest['counts']['chunks']:
-    raise FileNotFoundError(f'{scored_dir}: {len(files)} chunk files, manifest says '
-                            f"{manifest['counts']['chunks']}")
-  return [r for p in files for r in _read_chunk(p)]
+  chunk = lambda p: int(_SCORED_RE.search(os.path.basename(p)).group(1))
+  return grow_lib.read_chunked_records(
+      scored_dir, pattern='scored-*-of-*.tfrecord', chunk_re=_SCORED_RE,
+      marker=lambda p: _marker(scored_dir, chunk(p)), read=_read_chunk, what='scoring',
+      command='rest-jax score')

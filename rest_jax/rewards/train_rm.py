@@ -459,7 +459,8 @@ def train_reward_model(output_dir: str,
     task: SeqIO task whose SentencePiece vocabulary tokenizes the negatives (the policy's).
     objective: 'bradley_terry' (pairs within the comparison groups of a source), 'regression'
       (MSE of the raw score to the oracle reward) or 'bradley_terry+regression' (their sum).
-    oracle: the metric that labels every candidate vs its reference: 'chrf', 'bleu' or 'ter'.
+    oracle: the metric that labels every candidate vs its reference: 'chrf', 'bleu', 'ter' or a
+      mean such as 'chrf+ter' (`metrics.sentence_rewards`).
     num_steps, batch_size (sources per batch), learning_rate, warmup_steps, weight_decay,
       max_minutes: see `fit`.
     dev_fraction: share of sources held out for evaluation and calibration (`is_dev`; at least
@@ -487,8 +488,7 @@ def train_reward_model(output_dir: str,
       or objective; too few training sources for one batch.
     FileNotFoundError: `grow_dir` is no finished Grow.
   """
-  if oracle not in metrics_lib.METRICS:
-    raise ValueError(f'unknown oracle {oracle!r}: use one of {metrics_lib.METRICS}')
+  metrics_lib.components(oracle)  # Raises on an unknown oracle.
   if objective not in OBJECTIVES:
     raise ValueError(f'unknown objective {objective!r}: use one of {OBJECTIVES}')
   if embedding_init not in ('lsi', None):
@@ -516,7 +516,7 @@ def train_reward_model(output_dir: str,
     tokenize = rm_model.text_tokenizer(task)
 
   records = grow_lib.read_grow_records(grow_dir)
-  label_names = sorted({oracle, 'bleu'})
+  label_names = sorted({oracle, 'bleu', 'chrf'})
   cands = build_candidates(records, add_negatives=add_negatives, tokenize=tokenize, seed=seed,
                            metrics=label_names, degraded_samples=degraded_samples)
   sources = np.unique(cands.source_index)
