@@ -68,8 +68,9 @@ def test_incremental_decode_matches_teacher_forcing():
       PARAMS, batch['encoder_input_tokens'], tgt_len)
   # Cross-attention K/V are computed once and stored in the cache.
   layer_cache = cache['decoder']['layers_0']
-  assert layer_cache['encoder_decoder_attention']['cached_key'].shape == (4, 7, 2, 8)
-  assert layer_cache['self_attention']['cached_key'].shape == (4, tgt_len, 2, 8)
+  # Heads-major layout [batch, heads, length, kv].
+  assert layer_cache['encoder_decoder_attention']['cached_key'].shape == (4, 2, 7, 8)
+  assert layer_cache['self_attention']['cached_key'].shape == (4, 2, tgt_len, 8)
   step = jit(MODEL.decode_step)
   cross_before = jax.tree.map(np.asarray, cache['decoder']['layers_1'][
       'encoder_decoder_attention'])

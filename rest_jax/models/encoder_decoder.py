@@ -199,7 +199,7 @@ class EncoderDecoderModel:
     """Encodes the source and builds the decoding cache (leading dim batch).
 
     Runs the encoder once and a cache-creating decoder call on a [batch, 1] dummy
-    input: self-attention K/V buffers [batch, max_decode_len, heads, kv] (zeros),
+    input: self-attention K/V buffers [batch, heads, max_decode_len, kv] (zeros),
     cross-attention K/V of the source projected once, ``cache_index`` = 0 [] (shared),
     ``encoder_mask`` [batch, src_len].
     """

@@ -31,9 +31,9 @@ Incremental decoding (``decode=True``), t5x style, in the flax ``'cache'`` colle
       'encoder_mask': [batch, src_len] bool, source tokens != PAD,
       'layers_i': {
           'self_attention':          {'cached_key', 'cached_value'}:
-                                     [batch, max_decode_len, heads, kv] (dtype),
+                                     [batch, heads, max_decode_len, kv] (dtype),
           'encoder_decoder_attention': {'cached_key', 'cached_value'}:
-                                     [batch, src_len, heads, kv] (dtype),
+                                     [batch, heads, src_len, kv] (dtype),
       }}}
 Every other cache leaf has a leading batch dimension, so a decoding library may
 expand/gather the cache tree along axis 0 (beam search, multiple samples per input)
@@ -209,23 +209,32 @@ def LayerNorm(config: TransformerConfig, name: str) -> nn.LayerNorm:
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
-                          dropout_fn: Optional[Callable[[Array], Array]] = None
-                          ) -> Array:
+                          dropout_fn: Optional[Callable[[Array], Array]] = None,
+                          heads_major: bool = False) -> Array:
   """Scaled dot-product attention (Vaswani et al. 2017, eq. 1).
 
   Args:
     q: [batch, q_len, heads, kv] queries, already scaled by 1/sqrt(kv).
-    k, v: [batch, kv_len, heads, kv].
+    k, v: [batch, kv_len, heads, kv], or [batch, heads, kv_len, kv] with `heads_major` (the
+      layout of the decoding cache: both einsums are then plain batched GEMMs over
+      (batch, heads) with no transpose of the cache; with the cache in [batch, kv_len, ...]
+      XLA's CPU backend re-laid it out at every step, ~70% of a `tiny` decode step).
     mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = attend.
     dropout_fn: optional dropout applied to the attention probabilities.
+    heads_major: the layout of k and v, see above.
   Returns:
     [batch, q_len, heads, kv] in q.dtype.
   """
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-  logits = jnp.where(mask, logits, _NEG_INF)
+  if heads_major:
+    logits = jnp.einsum('bhqd,bhkd->bhqk', jnp.swapaxes(q, 1, 2), k)
+  else:
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+  logits = jnp.where(mask, logits.astype(jnp.float32), _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   if dropout_fn is not None:
     probs = dropout_fn(probs)
+  if heads_major:
+    return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -274,6 +283,8 @@ class MultiHeadAttention(nn.Module):
     q = self._proj('query', x) * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), cfg.dtype)
     batch, q_len = x.shape[0], x.shape[1]
     cache_shape_dtype = None
+    heads_major = False  # True when k, v come from the cache ([batch, heads, len, kv]).
+    to_heads_major = lambda a: jnp.swapaxes(a, 1, 2)
 
     if self.is_cross:
       if decode:
@@ -281,11 +292,12 @@ class MultiHeadAttention(nn.Module):
         if initialized:
           k = self.variable('cache', 'cached_key', None).value
           v = self.variable('cache', 'cached_value', None).value
+          heads_major = True
         else:
           k = self._proj('key', kv_inputs)
           v = self._proj('value', kv_inputs)
-          self.variable('cache', 'cached_key', lambda: k)
-          self.variable('cache', 'cached_value', lambda: v)
+          self.variable('cache', 'cached_key', lambda: to_heads_major(k))
+          self.variable('cache', 'cached_value', lambda: to_heads_major(v))
       else:
         k = self._proj('key', kv_inputs)
         v = self._proj('value', kv_inputs)
@@ -295,23 +307,25 @@ class MultiHeadAttention(nn.Module):
       if decode:
         initialized = self.has_variable('cache', 'cached_key')
         length = max_decode_length or q_len
-        cache_shape_dtype = ((batch, length, cfg.num_heads, cfg.head_dim), cfg.dtype)
+        cache_shape_dtype = ((batch, cfg.num_heads, length, cfg.head_dim), cfg.dtype)
         cached_key = self.variable('cache', 'cached_key', jnp.zeros, *cache_shape_dtype)
         cached_value = self.variable('cache', 'cached_value', jnp.zeros,
                                      *cache_shape_dtype)
         if initialized:
           if q_len != 1:
             raise ValueError(f'decode=True expects one token per call, got {q_len}.')
-          length = cached_key.value.shape[1]
-          at = (0, decode_index, 0, 0)
-          k = lax.dynamic_update_slice(cached_key.value, k.astype(cfg.dtype), at)
-          v = lax.dynamic_update_slice(cached_value.value, v.astype(cfg.dtype), at)
+          length = cached_key.value.shape[2]
+          at = (0, 0, decode_index, 0)
+          k = lax.dynamic_update_slice(cached_key.value, to_heads_major(k.astype(cfg.dtype)), at)
+          v = lax.dynamic_update_slice(cached_value.value, to_heads_major(v.astype(cfg.dtype)),
+                                       at)
           cached_key.value = k
           cached_value.value = v
+          heads_major = True
           # Attend to positions <= current index: [1, 1, 1, L].
           mask = (jnp.arange(length, dtype=jnp.int32) <= decode_index)[None, None, None, :]
       if mask is None and self.causal:
-        kv_len = k.shape[1]
+        kv_len = k.shape[2] if heads_major else k.shape[1]
         mask = (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None]
       if mask is None:
         mask = jnp.ones((1, 1, 1, 1), bool)
@@ -319,7 +333,7 @@ class MultiHeadAttention(nn.Module):
     dropout_fn = None
     if cfg.attention_dropout_rate > 0.0 and not deterministic:
       dropout_fn = nn.Dropout(rate=cfg.attention_dropout_rate, deterministic=False)
-    out = dot_product_attention(q, k, v, mask, dropout_fn)  # [b, q, h, kv]
+    out = dot_product_attention(q, k, v, mask, dropout_fn, heads_major)  # [b, q, h, kv]
 
     out_kernel = self.param('out_kernel', _init(_out_init, ('heads', 'kv', 'embed')),
                             (cfg.num_heads, cfg.head_dim, cfg.emb_dim), cfg.param_dtype)
