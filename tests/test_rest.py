@@ -89,6 +89,22 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   with open(os.path.join(straight, 'report.md')) as f:
     assert '| G1I2 | 1 | 2 | 0.80 |' in f.read()
 
+  # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
+  # Improve steps, 'gold' runs its own.
+  run(['compare_losses', f'--workdir={straight}'] + TINY + [
+      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.num_improve_steps=1',
+      '--gin.compare_losses.dev_examples=8', '--gin.compare_losses.test_examples=8'])
+  with open(os.path.join(straight, 'losses.json')) as f:
+    losses = json.load(f)
+  assert [r['loss'] for r in losses['losses']] == ['bc', 'gold']
+  assert not os.path.exists(os.path.join(straight, 'losses', 'bc', 'improve_1_0'))
+  assert os.path.exists(os.path.join(straight, 'losses', 'gold', 'improve_1_1', 'stage.json'))
+  g1i1 = next(s for s in report['stages'] if s['name'] == 'G1I1')
+  bc_row = losses['losses'][0]
+  assert (bc_row['test_reward'], bc_row['test_bleu']) == (g1i1['test_reward'], g1i1['test_bleu'])
+  with open(os.path.join(straight, 'losses.md')) as f:
+    assert '| gold |' in f.read()
+
   # Killed right after Grow 1 (the reward model's training never starts), then resumed.
   resumed = str(tmp_path / 'resumed')
 
