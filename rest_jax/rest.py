@@ -328,7 +328,7 @@ def compare_losses(workdir: str,
   test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
                                          max_examples=test_examples)
   with open(os.path.join(workdir, f'grow_{grow_step}', 'settings.json')) as f:
-    start_policy = json.load(f)['policy_dir']
+    start_policy = json.load(f)['settings']['policy_dir']
   scored_dir = os.path.join(workdir, f'scored_{grow_step}')
   rm_dir = os.path.join(workdir, 'rm')
   bc_dir = os.path.join(workdir, 'bc')
