@@ -18,3 +18,19 @@ import jax  # noqa: E402
 # several "processes" (train, resume, eval), as a researcher's runs would.
 jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='rest_jax_jit_cache_'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _empty_gin_config():
+  """Every test starts and ends with no gin bindings.
+
+  The CLI and loop tests parse real gin files in this one process; without this, their bindings
+  (e.g. `train_reward_model.oracle = 'chrf+ter'`) silently reached later tests' fixtures that call
+  the same configurables with their Python defaults.
+  """
+  gin.clear_config()
+  yield
+  gin.clear_config()
