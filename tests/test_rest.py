@@ -17,6 +17,7 @@ from rest_jax.rewards import train_rm
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
     '--gin.rest.bc_params_file=None', '--gin.rest.num_grow_steps=1',
+    '--gin.rest.num_improve_steps=2',
     '--gin.rest.dev_examples=8', '--gin.rest.test_examples=8', '--gin.rest.best_of_n_examples=8',
     "--gin.rest.best_of_n_stages=('bc', 'last')",
     '--gin.models.TransformerConfig.emb_dim=32', '--gin.models.TransformerConfig.mlp_dim=64',
