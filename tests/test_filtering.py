@@ -102,13 +102,10 @@ def test_threshold_schedule():
     filtering.threshold_schedule((0.0, 1.2))
   with pytest.raises(ValueError):
     filtering.threshold_schedule(mode='median')
-  try:
-    gin.parse_config("threshold_schedule.taus = (0.5, 0.9)\n"
-                     "threshold_schedule.mode = 'percentile'")
-    assert filtering.threshold_schedule() == (filtering.Threshold(0.5, 'percentile'),
-                                              filtering.Threshold(0.9, 'percentile'))
-  finally:
-    gin.clear_config()
+  gin.parse_config("threshold_schedule.taus = (0.5, 0.9)\n"
+                   "threshold_schedule.mode = 'percentile'")  # Cleared by tests/conftest.py.
+  assert filtering.threshold_schedule() == (filtering.Threshold(0.5, 'percentile'),
+                                            filtering.Threshold(0.9, 'percentile'))
 
 
 def test_select_correct_caps_per_source():

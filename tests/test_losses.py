@@ -133,16 +133,13 @@ def test_gin_binds_loss_name_and_hyperparameters():
   gold_u1, _ = run('gold', params(), clip_min=1.0)
   gold_default, _ = run('gold', params())
   assert abs(gold_u1 - gold_default) > 1e-4  # The clip matters on this batch.
-  try:
-    gin.parse_config("gold.clip_min = 1.0\nmake_loss_fn.name = 'gold'")
-    # Name and clip_min from gin; then an explicit hparam overrides gin. gin is read when the
-    # loss is traced, so both are traced inside this block.
-    fns = (losses.make_loss_fn(MODEL), losses.make_loss_fn(MODEL, clip_min=0.1))
-    got = jit(lambda p: [fn(p, BATCH, None)[0] for fn in fns])(params())
-    np.testing.assert_allclose(float(got[0]), gold_u1, rtol=1e-6)
-    np.testing.assert_allclose(float(got[1]), gold_default, rtol=1e-6)
-  finally:
-    gin.clear_config()
+  gin.parse_config("gold.clip_min = 1.0\nmake_loss_fn.name = 'gold'")  # Cleared by conftest.py.
+  # Name and clip_min from gin; then an explicit hparam overrides gin. gin is read when the
+  # loss is traced, so both are traced while the bindings hold.
+  fns = (losses.make_loss_fn(MODEL), losses.make_loss_fn(MODEL, clip_min=0.1))
+  got = jit(lambda p: [fn(p, BATCH, None)[0] for fn in fns])(params())
+  np.testing.assert_allclose(float(got[0]), gold_u1, rtol=1e-6)
+  np.testing.assert_allclose(float(got[1]), gold_default, rtol=1e-6)
 
 
 def test_kl_weight_schedule():
