@@ -34,6 +34,9 @@ from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning
 from rest_jax import trainer as trainer_lib
 
 
+ORIGINS = ('reference', 'sample')  # Grow record origins (`grow.RECORD_FIELDS`).
+
+
 class _ImproveModel:
   """The policy plus the loss's own params, as one model for `trainer.Trainer`.
 
@@ -92,26 +95,45 @@ def records_to_arrays(records: Sequence[Mapping[str, Any]], inputs_length: int,
 
 
 def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode: str,
-                         inputs_length: int, targets_length: int, batch_size: int
+                         inputs_length: int, targets_length: int, batch_size: int,
+                         origins: Sequence[str] = ORIGINS
                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The kept records of one Improve step as training arrays, and the filtering stats.
 
-  `source_baseline` (the mean reward of all of a source's records, before filtering) is added for
-  the losses that need an advantage. Fewer kept records than one batch are tiled to fill it.
+  The threshold is applied to all records (references and samples together, as ReST's Grow
+  dataset holds both); `origins` then restricts training to records of those origins ('reference':
+  the original pairs, 'sample': the policy's Grow samples; a record without an `origin` field
+  counts as a sample). `origins=('reference',)` is the continued-supervised-training control of
+  `rest.compare_losses`. `source_baseline` (the mean reward of all of a source's records, before
+  filtering) is added for the losses that need an advantage. Fewer kept records than one batch
+  are tiled to fill it.
 
+  Returns:
+    (arrays as `records_to_arrays` plus `source_baseline` [k] float32, stats: `filter_stats`
+    plus kept_references / kept_samples (after `origins`), tau, mode, origins, mean rewards).
   Raises:
-    ValueError: no record passes the threshold, or a NaN reward (from `filtering`).
+    ValueError: no record passes the threshold, a NaN reward (from `filtering`), an unknown origin.
   """
+  bad = set(origins) - set(ORIGINS)
+  if bad or not origins:
+    raise ValueError(f'origins must be a non-empty subset of {ORIGINS}, got {tuple(origins)}')
   arrays = records_to_arrays(records, inputs_length, targets_length)
   rewards, sources = arrays['reward'], arrays['source_index']
+  is_ref = np.array([r.get('origin', 'sample') == 'reference' for r in records], bool)
   keep = filtering.filter_records(rewards, sources, tau, mode)
+  if 'reference' not in origins:
+    keep &= ~is_ref
+  if 'sample' not in origins:
+    keep &= is_ref
   stats = filtering.filter_stats(keep, sources)
-  stats.update(tau=float(tau), mode=mode,
+  stats.update(tau=float(tau), mode=mode, origins=list(origins),
+               kept_references=int((keep & is_ref).sum()),
+               kept_samples=int((keep & ~is_ref).sum()),
                mean_reward_kept=float(rewards[keep].mean()) if keep.any() else float('nan'),
                mean_reward_all=float(rewards.mean()))
   if not keep.any():
-    raise ValueError(f'no record has reward > tau = {tau} ({mode}); max reward '
-                     f'{float(rewards.max()):.4f}: lower the threshold')
+    raise ValueError(f'no record of origin {tuple(origins)} has reward > tau = {tau} ({mode}); '
+                     f'max reward {float(rewards.max()):.4f}: lower the threshold')
   arrays['source_baseline'] = filtering.source_baselines(rewards, sources)
   rows = np.flatnonzero(keep)
   if len(rows) < batch_size:
@@ -154,6 +176,7 @@ def improve(model_dir: str,
             max_decode_len: int = 128,
             kl_anneal: tuple[float, float] = (1.0, 1e-5),
             seed: int = 0,
+            origins: Sequence[str] = ORIGINS,
             records: Sequence[Mapping[str, Any]] | None = None,
             scorer=None,
             initial_dev: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -177,6 +200,8 @@ def improve(model_dir: str,
     dev_examples: first dev pairs used for the dev reward.
     kl_anneal: (start, end) of the KL weight, annealed geometrically over `num_steps`.
     seed: data order and dropout seed.
+    origins: the origins of the kept records that are trained on (`select_training_data`);
+      ('reference',) trains on the kept original pairs only (a control, not ReST).
     records, scorer: in-memory scored records and reward scorer; default: read `scored_dir`,
       load `rm_dir`.
     initial_dev: the starting policy's dev metrics ('reward', 'bleu', 'chrf' on the same dev
@@ -207,9 +232,10 @@ def improve(model_dir: str,
     from rest_jax.rewards import model as rm_model
     scorer = rm_model.load_reward_model(rm_dir)
   arrays, stats = select_training_data(records, tau, threshold_mode, inputs_length,
-                                       targets_length, batch_size)
-  logging.info('improve: tau %.2f (%s) keeps %d of %d records, %d of %d sources', tau,
-               threshold_mode, stats['kept_records'], stats['total_records'],
+                                       targets_length, batch_size, origins)
+  logging.info('improve: tau %.2f (%s) keeps %d of %d records (%d references, %d samples), '
+               '%d of %d sources', tau, threshold_mode, stats['kept_records'],
+               stats['total_records'], stats['kept_references'], stats['kept_samples'],
                stats['distinct_sources'], stats['total_sources'])
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
@@ -289,7 +315,7 @@ def improve(model_dir: str,
     train_seconds += time.perf_counter() - clock
     evaluate(state)
   best = max(history, key=lambda e: e['reward'])
-  summary = dict(history=history, filter=stats, loss=loss, tau=float(tau),
+  summary = dict(history=history, filter=stats, loss=loss, tau=float(tau), origins=list(origins),
                  threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
                  best_dev_reward=best['reward'], best_step=best['step'],
                  stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),

@@ -18,7 +18,8 @@ import numpy as np
 
 from rest_jax import trainer as trainer_lib
 
-STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'distinct_sources',
+STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'train_references',
+              'distinct_sources',
               'dev_reward', 'test_reward', 'dev_bleu', 'test_bleu', 'dev_chrf', 'test_chrf',
               'minutes', 'stage_minutes', 'steps', 'best_step')
 
@@ -82,13 +83,14 @@ def markdown(report: dict) -> str:
            f"Loss `{report['loss']}`; thresholds {report['thresholds']['taus']} "
            f"({report['thresholds']['mode']}). Rewards: learned reward model, 0-100. BLEU / chrF: "
            'greedy decoding.', '',
-           '| stage | G | I | tau | train records | distinct samples | dev reward | test reward '
-           '| test BLEU | test chrF | minutes |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '| stage | G | I | tau | train records | of which references | distinct samples '
+           '| dev reward | test reward | test BLEU | test chrF | minutes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for s in report['stages']:
     lines.append(
         f"| {s['name']} | {s['grow'] or ''} | {_fmt(s['improve'])} | {_fmt(s['tau'])} "
-        f"| {_fmt(s['num_train_records'])} | {_fmt(samples.get(s['grow']))} "
+        f"| {_fmt(s['num_train_records'])} | {_fmt(s.get('train_references'))} "
+        f"| {_fmt(samples.get(s['grow']))} "
         f"| {_fmt(s['dev_reward'])} | {_fmt(s['test_reward'])} | {_fmt(s['test_bleu'])} "
         f"| {_fmt(s['test_chrf'])} | {_fmt(s['minutes'], '.1f')} |")
   lines += ['', '| Grow | sources | samples drawn | distinct samples kept | records | Grow min '

@@ -260,6 +260,7 @@ def rest(workdir: str,
       s = imp['summary']
       st = dict(name=f'G{g}I{i}', dir=step_dir, grow=g, improve=i, tau=taus[i], loss=s['loss'],
                 num_train_records=s['filter']['kept_records'],
+                train_references=s['filter'].get('kept_references'),
                 distinct_sources=s['filter']['distinct_sources'], stage_minutes=imp['minutes'],
                 best_step=s['best_step'], steps=s['steps'])
       best = max(s['history'], key=lambda e: e['reward'])
@@ -303,6 +304,7 @@ def _same_improve(loop_dir: str, loss: str, tau: float, mode: str, init_policy_d
 def compare_losses(workdir: str,
                    model=gin.REQUIRED,
                    losses: Sequence[str] = ('bc', 'gold', 'bvmpo', 'oac'),
+                   reference_control: bool = True,
                    grow_step: int = 1,
                    num_improve_steps: int = 2,
                    task: str = 'libreoffice_help_de_en',
@@ -319,6 +321,11 @@ def compare_losses(workdir: str,
   loss, threshold and starting policy (the loop's own loss) is reused from
   `workdir/improve_<g>_<i>/`, not run again. Resumable like the loop. Writes
   `workdir/losses.json` and `workdir/losses.md`.
+
+  `reference_control` adds the row `bc_references` (in `workdir/losses/bc_references/`): the same
+  Improve steps with the `bc` loss on the kept *references only* (`improve.origins`), i.e.
+  continued supervised training on the original pairs that pass the same thresholds. The gap
+  between `bc` and this row is what the policy's own Grow samples add.
   """
   from rest_jax.rewards import model as rm_model, scoring
   cache = os.path.join(os.path.abspath(workdir), 'cache')
@@ -339,13 +346,17 @@ def compare_losses(workdir: str,
                      start_policy, scorer, dev, test, detok)
   records = None
   rows = []
-  for loss in losses:
+  runs = [(loss, loss, improve_lib.ORIGINS) for loss in losses]
+  if reference_control:
+    runs.append(('bc_references', 'bc', ('reference',)))
+  for name, loss, origins in runs:
     policy_dir = start_policy
     prev_dev = {k: start[f'dev_{k}'] for k in ('reward', 'bleu', 'chrf')}
+    kept = []
     for i in range(num_improve_steps + 1):
-      step_dir = os.path.join(workdir, 'losses', loss, f'improve_{grow_step}_{i}')
+      step_dir = os.path.join(workdir, 'losses', name, f'improve_{grow_step}_{i}')
       loop_dir = os.path.join(workdir, f'improve_{grow_step}_{i}')
-      if _same_improve(loop_dir, loss, taus[i], mode, policy_dir):
+      if name == loss and _same_improve(loop_dir, loss, taus[i], mode, policy_dir):
         step_dir = loop_dir  # The loop already ran this very Improve step: reuse it.
       if _stage_done(step_dir) is None and records is None:
         records = scoring.read_scored_records(scored_dir)
@@ -353,14 +364,17 @@ def compare_losses(workdir: str,
       imp = _run_stage(step_dir, lambda: {'summary': improve_lib.improve(
           step_dir, model=model, scored_dir=scored_dir, init_policy_dir=prev, rm_dir=rm_dir,
           prior_policy_dir=bc_dir, task=task, tau=taus[i], threshold_mode=mode, loss=loss,
-          dev_examples=dev_examples, records=records, scorer=scorer, initial_dev=prev_dev)})
+          origins=origins, dev_examples=dev_examples, records=records, scorer=scorer,
+          initial_dev=prev_dev)})
       best = max(imp['summary']['history'], key=lambda e: e['reward'])
       prev_dev = {k: best[k] for k in ('reward', 'bleu', 'chrf')}
+      kept.append(imp['summary']['filter']['kept_records'])
       policy_dir = step_dir
-    ev = _run_stage(os.path.join(workdir, 'losses', loss, 'eval'), evaluate_policy, model,
+    ev = _run_stage(os.path.join(workdir, 'losses', name, 'eval'), evaluate_policy, model,
                     step_dir, scorer,
                     None, test, detok)
-    rows.append(dict(loss=loss, stage=f'G{grow_step}I{num_improve_steps}',
+    rows.append(dict(loss=name, stage=f'G{grow_step}I{num_improve_steps}',
+                     origins=list(origins), train_records=kept,
                      dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],
                      test_bleu=ev['test_bleu'], test_chrf=ev['test_chrf']))
   result = {'start': {k: start[k] for k in ('dev_reward', 'test_reward', 'test_bleu',
@@ -371,11 +385,14 @@ def compare_losses(workdir: str,
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
            f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
            f'from `{start_policy}`; rewards: learned RM, 0-100; BLEU: greedy, '
-           f'`{start["bleu_signature"]}`.', '',
-           '| loss | dev reward | test reward | test BLEU | test chrF |', '|---|---|---|---|---|',
-           f"| (start) | {start['dev_reward']:.2f} | {start['test_reward']:.2f} "
+           f'`{start["bleu_signature"]}`. `bc_references`: `bc` on the kept references only '
+           '(continued supervised training, the control).', '',
+           '| loss | train records per step | dev reward | test reward | test BLEU | test chrF |',
+           '|---|---|---|---|---|---|',
+           f"| (start) | | {start['dev_reward']:.2f} | {start['test_reward']:.2f} "
            f"| {start['test_bleu']:.2f} | {start['test_chrf']:.2f} |"]
-  lines += [f"| {r['loss']} | {r['dev_reward']:.2f} | {r['test_reward']:.2f} | "
+  lines += [f"| {r['loss']} | {', '.join(map(str, r['train_records']))} "
+            f"| {r['dev_reward']:.2f} | {r['test_reward']:.2f} | "
             f"{r['test_bleu']:.2f} | {r['test_chrf']:.2f} |" for r in rows]
   with open(os.path.join(workdir, 'losses.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')

@@ -131,3 +131,30 @@ def test_select_correct_caps_per_source():
     filtering.select_correct(np.array([1.0, 0.5]), np.array([0, 0]))
   with pytest.raises(ValueError):
     filtering.select_correct(rewards, sources, max_per_source=0)
+
+
+def test_improve_training_data_by_origin():
+  """The threshold sees every record; `origins` then keeps references and/or samples only."""
+  from rest_jax import improve
+  refs = {4, 8}  # Source 42's first 0.9 and source 7's 0.4.
+  records = [dict(source_ids=[5, 6, 1], candidate_ids=[7 + i, 1], reward=float(r),
+                  source_index=int(s), origin='reference' if i in refs else 'sample')
+             for i, (r, s) in enumerate(zip(REWARDS, SOURCES))]
+  select = lambda origins, tau=0.5: improve.select_training_data(
+      records, tau, 'percentile', 4, 4, batch_size=1, origins=origins)
+  arrays, stats = select(('reference', 'sample'))
+  assert (stats['kept_records'], stats['kept_references'], stats['kept_samples']) == (4, 2, 2)
+  # Rows 4, 6, 8, 9 in record order; the candidate's first token tells which record it is.
+  assert arrays['decoder_target_tokens'][:, 0].tolist() == [11, 13, 15, 16]
+  np.testing.assert_allclose(arrays['source_baseline'], [0.525, 0.25, 0.25, 0.525], rtol=1e-6)
+  arrays, stats = select(('reference',))
+  assert arrays['decoder_target_tokens'][:, 0].tolist() == [11, 15]
+  assert (stats['kept_records'], stats['kept_references'], stats['kept_samples']) == (2, 2, 0)
+  arrays, _ = select(('sample',))
+  assert arrays['decoder_target_tokens'][:, 0].tolist() == [13, 16]
+  _, stats = select(('reference',), tau=0.0)  # tau = 0: every reference.
+  assert stats['kept_records'] == 2 and stats['distinct_sources'] == 2
+  with pytest.raises(ValueError, match='origins'):
+    select(('human',))
+  with pytest.raises(ValueError, match='no record'):
+    select(('sample',), tau=0.95)  # Above its source's p95: only source 7's top, a reference.

@@ -97,9 +97,13 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
       '--gin.compare_losses.dev_examples=8', '--gin.compare_losses.test_examples=8'])
   with open(os.path.join(straight, 'losses.json')) as f:
     losses = json.load(f)
-  assert [r['loss'] for r in losses['losses']] == ['bc', 'gold']
+  assert [r['loss'] for r in losses['losses']] == ['bc', 'gold', 'bc_references']
   assert not os.path.exists(os.path.join(straight, 'losses', 'bc', 'improve_1_0'))
   assert os.path.exists(os.path.join(straight, 'losses', 'gold', 'improve_1_1', 'stage.json'))
+  # The control trains on the kept references only: at tau = 0 every reference (one a source).
+  control = losses['losses'][2]
+  assert control['origins'] == ['reference'] and control['train_records'][0] == 16
+  assert losses['losses'][0]['train_records'] == kept[:2]
   g1i1 = next(s for s in report['stages'] if s['name'] == 'G1I1')
   bc_row = losses['losses'][0]
   assert (bc_row['test_reward'], bc_row['test_bleu']) == (g1i1['test_reward'], g1i1['test_bleu'])
