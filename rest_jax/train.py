@@ -75,7 +75,9 @@ def train(model_dir: str,
     num_microbatches: gradient accumulation factor.
     seed: run seed (init, data order, dropout).
     max_train_examples: train on the first pairs of the split only (None: all).
-    init_params_dir: start from the params of this run (fresh optimizer), e.g. a BC policy.
+    init_params_dir: start from the params of this run (fresh optimizer), e.g. a BC policy, or
+      of a `trainer.save_params_npz` file (a path ending in `.npz`, e.g. the shipped policy;
+      relative paths not found here are read relative to the repository).
     train_data: an `input_pipeline.TaskData` to train on instead of `task`'s train split (Improve).
 
   Returns:
@@ -102,7 +104,14 @@ def train(model_dir: str,
   shapes = _input_shapes(batch_size, inputs_length, targets_length)
   init_params = None
   if init_params_dir:
-    init_params = trainer_lib.restore_params(init_params_dir, t.abstract_state(shapes).params)
+    abstract = t.abstract_state(shapes).params
+    if init_params_dir.endswith('.npz'):
+      path = init_params_dir
+      if not os.path.exists(path) and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+      init_params = trainer_lib.load_params_npz(path, abstract)
+    else:
+      init_params = trainer_lib.restore_params(init_params_dir, abstract)
   state = t.init_state(shapes, params=init_params)
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_bleu')
   restored = ckpt.restore_latest(state)

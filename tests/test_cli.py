@@ -68,3 +68,32 @@ def test_model_smaller_than_vocabulary_is_refused(tmp_path):
   with pytest.raises(ValueError, match='vocab_size=64 but task .* 8000 pieces'):
     run(['train', '--gin_file=gin_configs/runs/train_bc.gin', f'--workdir={tmp_path}',
          '--gin.models.TransformerConfig.vocab_size=64'] + SMALL)
+
+
+def test_train_starts_from_an_npz_policy(tmp_path, monkeypatch):
+  """`train.init_params_dir` may name a `save_params_npz` file: training starts from its params."""
+  import flax
+  import jax
+  import numpy as np
+  from rest_jax import trainer as trainer_lib
+  starts = []
+  original = trainer_lib.Trainer.init_state
+
+  def spy(self, input_shapes, params=None):
+    state = original(self, input_shapes, params=params)
+    starts.append(flax.traverse_util.flatten_dict(jax.device_get(state.params), sep='/'))
+    return state
+  monkeypatch.setattr(trainer_lib.Trainer, 'init_state', spy)
+  base = ['--gin_file=gin_configs/runs/train_bc.gin'] + SMALL + ['--gin.train.num_steps=1']
+  run(['train', f'--workdir={tmp_path / "a"}'] + base)
+  npz = str(tmp_path / 'policy.npz')  # Run a's initial params, float32 (an exact round trip).
+  trainer_lib.save_params_npz(npz, flax.traverse_util.unflatten_dict(starts[0], sep='/'),
+                              dtype=np.float32)
+  run(['train', f'--workdir={tmp_path / "b"}', '--gin.train.seed=1'] + base)
+  run(['train', f'--workdir={tmp_path / "c"}', '--gin.train.seed=1'] + base
+      + [f"--gin.train.init_params_dir='{npz}'"])
+  a, b, c = starts
+  assert a.keys() == c.keys()
+  assert any(not np.array_equal(a[k], b[k]) for k in a)  # Seed 1 alone starts elsewhere ...
+  for k in a:                                              # ... but from the .npz: run a's start.
+    np.testing.assert_array_equal(c[k], a[k], err_msg=k)
