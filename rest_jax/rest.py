@@ -36,7 +36,6 @@ from rest_jax import input_pipeline, partitioning, report as report_lib
 from rest_jax import trainer as trainer_lib
 
 STAGE_FILE = 'stage.json'
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stage_done(stage_dir: str) -> dict | None:
@@ -74,8 +73,7 @@ def _policy_params(model, policy_dir: str, mesh):
 
 def import_policy(model_dir: str, model, params_file: str) -> dict:
   """Makes `model_dir` a BC run whose best checkpoint holds the params of `params_file` (.npz)."""
-  if not os.path.exists(params_file) and not os.path.isabs(params_file):
-    params_file = os.path.join(_ROOT, params_file)  # Relative to the repository.
+  params_file = trainer_lib.params_file_path(params_file)
   params = trainer_lib.load_params_npz(
       params_file, trainer_lib.abstract_params(model, partitioning.create_mesh()))
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='imported')

@@ -106,10 +106,8 @@ def train(model_dir: str,
   if init_params_dir:
     abstract = t.abstract_state(shapes).params
     if init_params_dir.endswith('.npz'):
-      path = init_params_dir
-      if not os.path.exists(path) and not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-      init_params = trainer_lib.load_params_npz(path, abstract)
+      init_params = trainer_lib.load_params_npz(trainer_lib.params_file_path(init_params_dir),
+                                                abstract)
     else:
       init_params = trainer_lib.restore_params(init_params_dir, abstract)
   state = t.init_state(shapes, params=init_params)

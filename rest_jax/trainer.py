@@ -368,6 +368,13 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def params_file_path(path: str) -> str:
+  """`path` as given if it exists or is absolute, else relative to the repository (shipped files)."""
+  if os.path.exists(path) or os.path.isabs(path):
+    return path
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+
+
 def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
   """Writes params as one compressed `.npz` (keys: '/'-joined tree paths), cast to `dtype`.
 
