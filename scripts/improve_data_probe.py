@@ -65,13 +65,9 @@ def _select(name, records, workdir):
 
 
 def main(argv):
-  workdir, name, steps, extra = argv[1], argv[2], int(argv[3]), argv[4:]
-  main_lib.register_gin_configurables()
-  gin.add_config_file_search_path('gin_configs')
-  gin.parse_config_files_and_bindings(
-      ['gin_configs/runs/rest_libreoffice_de_en_cpu.gin'],
-      ['_model.model = %MODEL', "improve.scored_dir = ''", "improve.init_policy_dir = ''",
-       "improve.rm_dir = ''"] + [a[len('--gin.'):] for a in extra])
+  bindings, args = main_lib._split_gin_flags(argv[1:])
+  workdir, name, steps = args[0], args[1], int(args[2])
+  main_lib.parse_gin(['runs/rest_libreoffice_de_en_cpu.gin'], ['_model.model = %MODEL'] + bindings)
   model = _model()
   records = _select(name, scoring.read_scored_records(os.path.join(workdir, 'scored_1')), workdir)
   scorer = rm_model.load_reward_model(os.path.join(workdir, 'rm'))
@@ -85,7 +81,7 @@ def main(argv):
                                          max_examples=500)
   ev = rest_lib.evaluate_policy(model, out_dir, scorer, None, test,
                                 input_pipeline.detokenizer(TASK))
-  out = dict(selection=name, steps=steps, gin=extra, records=len(records),
+  out = dict(selection=name, steps=steps, gin=bindings, records=len(records),
              references=sum(r.get('origin') == 'reference' for r in records),
              dev_history=[(h['step'], round(h['reward'], 2), round(h['bleu'], 2))
                           for h in summary['history']],
