@@ -243,9 +243,10 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
   assert saved['calibration']['low'] <= saved['calibration']['high']
   assert rm_model.RewardModelConfig.from_json(saved['config']) == TINY
   scorer = rm_model.load_reward_model(str(out), tokenize=tokenize)
-  r = scorer.score_ids([[3, 4, 1], [5, 1]], [[6, 1], []])
-  assert r.dtype == np.float32 and r.shape == (2,) and ((0 <= r) & (r <= 1)).all()
-  np.testing.assert_allclose(scorer.score_text(['3 4', '5'], ['6', '']), r)
+  r = scorer.score_ids([[3, 4, 1], [5, 1], [5, 1]], [[6, 1], [1], []])
+  assert r.dtype == np.float32 and r.shape == (3,) and ((0 <= r) & (r <= 1)).all()
+  # score_text appends EOS to each text: '' is the EOS-only candidate [1], not the empty row [].
+  np.testing.assert_allclose(scorer.score_text(['3 4', '5'], ['6', '']), r[:2])
   # A finished run is returned as is; other settings are refused.
   again = train_rm.train_reward_model(str(out), grow_dir=str(grow_dir), task='tiny', num_steps=6,
                                       batch_size=8, warmup_steps=2, dev_fraction=0.25,
