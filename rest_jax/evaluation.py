@@ -21,6 +21,10 @@ LENGTH_BUCKETS = (16, 32, 64, 128)
 def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
   """Corpus sacreBLEU and chrF (0-100) with sacreBLEU's signature strings.
 
+  Also BLEU's length statistics (Papineni et al. 2002, sec. 2.2.2): 'bleu_bp' (brevity penalty,
+  1.0 when the hypotheses are at least as long as the references) and 'length_ratio'
+  (hypothesis / reference length in sacreBLEU's 13a tokens).
+
   Raises:
     ValueError: different numbers of hypotheses and references, or none.
   """
@@ -30,7 +34,9 @@ def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict
   chrf = sacrebleu.metrics.CHRF()
   b = bleu.corpus_score(list(hypotheses), [list(references)])
   c = chrf.corpus_score(list(hypotheses), [list(references)])
-  return {'bleu': b.score, 'chrf': c.score, 'bleu_signature': str(bleu.get_signature()),
+  return {'bleu': b.score, 'chrf': c.score, 'bleu_bp': float(b.bp),
+          'length_ratio': float(b.sys_len) / max(float(b.ref_len), 1.0),
+          'bleu_signature': str(bleu.get_signature()),
           'chrf_signature': str(chrf.get_signature()), 'num_sentences': len(hypotheses)}
 
 

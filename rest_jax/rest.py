@@ -87,12 +87,33 @@ def _sources(data: input_pipeline.TaskData) -> list[list[int]]:
   return [[int(t) for t in row[:n]] for row, n in zip(enc, data_lib.lengths(enc))]
 
 
-@gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize'])
+TRANSLATION_FIELDS = ('key', 'source', 'reference', 'translation', 'reward')
+
+
+def write_translations(path: str, data: input_pipeline.TaskData, translations: Sequence[str],
+                       rewards: np.ndarray) -> None:
+  """One JSON line per pair: provenance key, source, reference, greedy translation and its
+  normalised RM reward in [0, 1]. Written to a temporary file and renamed (no partial file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    for row in zip(data.keys, data.inputs, data.targets, translations, rewards):
+      f.write(json.dumps(dict(zip(TRANSLATION_FIELDS, row[:4] + (round(float(row[4]), 6),))),
+                         ensure_ascii=False) + '\n')
+  os.replace(path + '.tmp', path)
+
+
+@gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize',
+                            'out_dir'])
 def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
-                    max_decode_len: int = 128, batch_size: int = 64) -> dict[str, Any]:
-  """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF.
+                    max_decode_len: int = 128, batch_size: int = 64,
+                    out_dir: str | None = None) -> dict[str, Any]:
+  """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF,
+  BLEU's brevity penalty and length ratio (`evaluation.corpus_metrics`).
 
   `dev` may be None (an Improve step already measured its best policy on the same dev pairs).
+  With `out_dir`, each split's translations are written to `out_dir/<split>_translations.jsonl`
+  (`TRANSLATION_FIELDS`, one line per pair, in split order) for inspection and diffing between
+  stages.
   """
   params = _policy_params(model, policy_dir, partitioning.create_mesh())
   out = {}
@@ -102,10 +123,15 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
     ids = evaluation.predict_ids(model, params, data.arrays['encoder_input_tokens'],
                                  batch_size=batch_size, max_decode_len=max_decode_len)
     reward = scorer.score_ids(_sources(data), ids)
-    m = evaluation.corpus_metrics([detokenize(i) for i in ids], data.targets)
+    hyps = [detokenize(i) for i in ids]
+    m = evaluation.corpus_metrics(hyps, data.targets)
+    if out_dir:
+      write_translations(os.path.join(out_dir, f'{split}_translations.jsonl'), data, hyps, reward)
     out[f'{split}_reward'] = 100.0 * float(np.mean(reward))
     out[f'{split}_bleu'] = m['bleu']
     out[f'{split}_chrf'] = m['chrf']
+    out[f'{split}_bleu_bp'] = m['bleu_bp']
+    out[f'{split}_length_ratio'] = m['length_ratio']
     out['bleu_signature'] = m['bleu_signature']
     out['chrf_signature'] = m['chrf_signature']
     out[f'{split}_sentences'] = m['num_sentences']
@@ -221,7 +247,7 @@ def rest(workdir: str,
     """Test (and, unless an Improve step measured it already, dev) metrics of a stage's policy."""
     ev_dir = os.path.join(workdir, 'eval', st['name'])
     ev = _run_stage(ev_dir, evaluate_policy, model, st['dir'], scorer,
-                    None if dev_metrics else dev, test, detok)
+                    None if dev_metrics else dev, test, detok, out_dir=ev_dir)
     if dev_metrics:
       ev.update({f'dev_{k}': dev_metrics[k] for k in ('reward', 'bleu', 'chrf')})
     st.update({k: v for k, v in ev.items() if k != 'minutes'})
@@ -340,8 +366,9 @@ def compare_losses(workdir: str,
   scorer = rm_model.load_reward_model(rm_dir)
   schedule = filtering.threshold_schedule()
   taus, mode = [t.tau for t in schedule], schedule[0].mode
-  start = _run_stage(os.path.join(workdir, 'losses', 'start_eval'), evaluate_policy, model,
-                     start_policy, scorer, dev, test, detok)
+  start_dir = os.path.join(workdir, 'losses', 'start_eval')
+  start = _run_stage(start_dir, evaluate_policy, model, start_policy, scorer, dev, test, detok,
+                     out_dir=start_dir)
   records = None
   rows = []
   runs = [(loss, loss, improve_lib.ORIGINS) for loss in losses]
@@ -368,9 +395,9 @@ def compare_losses(workdir: str,
       prev_dev = {k: best[k] for k in ('reward', 'bleu', 'chrf')}
       kept.append(imp['summary']['filter']['kept_records'])
       policy_dir = step_dir
-    ev = _run_stage(os.path.join(workdir, 'losses', name, 'eval'), evaluate_policy, model,
-                    step_dir, scorer,
-                    None, test, detok)
+    ev_dir = os.path.join(workdir, 'losses', name, 'eval')
+    ev = _run_stage(ev_dir, evaluate_policy, model, step_dir, scorer, None, test, detok,
+                    out_dir=ev_dir)
     rows.append(dict(loss=name, stage=f'G{grow_step}I{num_improve_steps}',
                      origins=list(origins), train_records=kept,
                      dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],

@@ -10,8 +10,9 @@ import os
 import gin
 import numpy as np
 import pytest
+import sacrebleu
 
-from rest_jax import main as main_lib
+from rest_jax import evaluation, main as main_lib, rest as rest_lib
 from rest_jax.rewards import train_rm
 
 TINY = [
@@ -64,6 +65,16 @@ def _report(workdir):
     return json.load(f)
 
 
+def test_corpus_metrics_length_statistics():
+  # 6 hypothesis tokens against 8 reference tokens: ratio 0.75, BP = exp(1 - 8 / 6).
+  m = evaluation.corpus_metrics(['a b c', 'd e f'], ['a b c x', 'd e f y'])
+  assert m['length_ratio'] == 0.75 and np.isclose(m['bleu_bp'], np.exp(1 - 8 / 6))
+  m = evaluation.corpus_metrics(['a b c x z'], ['a b c x'])
+  assert m['length_ratio'] == 1.25 and m['bleu_bp'] == 1.0
+  with pytest.raises(ValueError):
+    evaluation.corpus_metrics(['a'], [])
+
+
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   straight = str(tmp_path / 'straight')
   run(['rest', f'--workdir={straight}'] + TINY)
@@ -89,6 +100,16 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
                                      'plots/reward_per_stage.png', 'plots/reward_vs_bleu.png']
   with open(os.path.join(straight, 'report.md')) as f:
     assert '| G1I2 | 1 | 2 | 0.80 |' in f.read()
+  # Every stage's greedy test translations, in test order, with the reward the report averages.
+  for s in report['stages']:
+    assert 0.0 < s['test_length_ratio'] and 0.0 <= s['test_bleu_bp'] <= 1.0
+    with open(os.path.join(straight, 'eval', s['name'], 'test_translations.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    assert len(rows) == 8 and set(rows[0]) == set(rest_lib.TRANSLATION_FIELDS)
+    assert np.isclose(100 * np.mean([r['reward'] for r in rows]), s['test_reward'], atol=1e-3)
+    hyps, refs = [r['translation'] for r in rows], [r['reference'] for r in rows]
+    assert np.isclose(sacrebleu.corpus_bleu(hyps, [refs]).score, s['test_bleu'])
+  assert os.path.exists(os.path.join(straight, 'eval', 'bc', 'dev_translations.jsonl'))
 
   # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
   # Improve steps, 'gold' runs its own.
