@@ -149,7 +149,7 @@ def dev_reward(model, params, dev: input_pipeline.TaskData, scorer, detokenize: 
                                batch_size=batch_size, max_decode_len=max_decode_len)
   src = [r[:int(n)] for r, n in zip(dev.arrays['encoder_input_tokens'],
                                     data_lib.lengths(dev.arrays['encoder_input_tokens']))]
-  reward = scorer.score_ids([list(map(int, s)) for s in src], ids)
+  reward = scorer.score_ids([list(map(int, s)) for s in src], ids, references=dev.targets)
   m = evaluation.corpus_metrics([detokenize(i) for i in ids], dev.targets)
   return {'reward': 100.0 * float(np.mean(reward)), 'bleu': m['bleu'], 'chrf': m['chrf']}
 

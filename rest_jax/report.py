@@ -45,7 +45,7 @@ def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float = 1.0) -> lis
 
 def build_report(stages: Sequence[dict], grows: Sequence[dict], best_of_n: dict,
                  alarm_bleu_drop: float, taus: Sequence[float], mode: str, loss: str,
-                 total_minutes: float) -> dict[str, Any]:
+                 total_minutes: float, reward: str = 'rm') -> dict[str, Any]:
   """The report dict (see the module docstring); prints the alarms."""
   alarms = reward_hacking_alarms(stages, alarm_bleu_drop)
   for a in alarms:
@@ -62,6 +62,7 @@ def build_report(stages: Sequence[dict], grows: Sequence[dict], best_of_n: dict,
       'alarms': alarms,
       'thresholds': {'taus': list(taus), 'mode': mode},
       'loss': loss,
+      'reward': reward,
       'bleu_signature': sig,
       'chrf_signature': next((s.get('chrf_signature') for s in stages
                               if s.get('chrf_signature')), None),
@@ -70,6 +71,13 @@ def build_report(stages: Sequence[dict], grows: Sequence[dict], best_of_n: dict,
                              + sum(g['grow_minutes'] + g['score_minutes'] for g in grows)
                              + sum(b.get('minutes', 0.0) for b in best_of_n.values())),
   }
+
+
+def _reward_name(report: dict) -> str:
+  reward = report.get('reward', 'rm')
+  if reward == 'rm':
+    return 'learned reward model'
+  return f'the metric {reward!r} against the reference'
 
 
 def _fmt(v, spec='.2f'):
@@ -81,8 +89,8 @@ def markdown(report: dict) -> str:
   samples = {g['grow']: g['samples_kept'] for g in report['grows']}
   lines = ['# ReST report', '',
            f"Loss `{report['loss']}`; thresholds {report['thresholds']['taus']} "
-           f"({report['thresholds']['mode']}). Rewards: learned reward model, 0-100. BLEU / chrF: "
-           'greedy decoding.', '',
+           f"({report['thresholds']['mode']}). Rewards: {_reward_name(report)}, 0-100. "
+           'BLEU / chrF: greedy decoding.', '',
            '| stage | G | I | tau | train records | of which references | distinct samples '
            '| dev reward | test reward | test BLEU | test chrF | test length ratio | minutes |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']

@@ -7,8 +7,10 @@ All stages live in one work directory, each in its own folder with a completion 
 
     bc/                 the starting policy (trained here, or imported from a shipped checkpoint)
     grow_<g>/           Grow g (`rest_jax.grow`): samples of the current policy, chunked TFRecords
-    rm/                 the learned reward model, trained once on grow_1 (`rewards.train_rm`)
-    scored_<g>/         grow_<g> scored by the reward model (`rewards.scoring`)
+    rm/                 the learned reward model, trained once on grow_1 (`rewards.train_rm`);
+                        absent with a metric reward (`rest.reward='chrf+ter'`)
+    scored_<g>/         grow_<g> scored by the reward (`rewards.scoring`)
+    eval/<stage>/       the stage's dev / test metrics and greedy translations (jsonl)
     improve_<g>_<i>/    Improve step i of Grow g at threshold tau_i (`rest_jax.improve`)
     report.json, report.md, plots/
 
@@ -122,7 +124,7 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
       continue
     ids = evaluation.predict_ids(model, params, data.arrays['encoder_input_tokens'],
                                  batch_size=batch_size, max_decode_len=max_decode_len)
-    reward = scorer.score_ids(_sources(data), ids)
+    reward = scorer.score_ids(_sources(data), ids, references=data.targets)
     hyps = [detokenize(i) for i in ids]
     m = evaluation.corpus_metrics(hyps, data.targets)
     if out_dir:
@@ -161,7 +163,9 @@ def best_of_n(model, policy_dir: str, scorer, test, detokenize,
   cands = [[[int(t) for t in samples['tokens'][b, j, :samples['lengths'][b, j]]]
             for j in range(n_max)] for b in range(len(enc))]
   flat = [c for row in cands for c in row]
-  rewards = scorer.score_ids([s for s in src for _ in range(n_max)], flat).reshape(len(enc), n_max)
+  rewards = scorer.score_ids([s for s in src for _ in range(n_max)], flat,
+                            references=[t for t in test.targets for _ in range(n_max)]
+                            ).reshape(len(enc), n_max)
   out = {'n': list(ns), 'reward': [], 'bleu': [], 'chrf': [], 'sources': len(enc),
          'temperature': temperature}
   for n in ns:
@@ -182,6 +186,7 @@ def rest(workdir: str,
          bc_policy_dir: str | None = None,
          num_grow_steps: int = 2,
          num_improve_steps: int = 2,
+         reward: str = 'rm',
          retrain_rm: bool = False,
          dev_examples: int = 200,
          test_examples: int | None = 500,
@@ -201,6 +206,10 @@ def rest(workdir: str,
       `train.train` (its gin bindings: `train.max_minutes`, ...).
     num_grow_steps: G. num_improve_steps: I, the last Improve step index of each Grow: steps
       0..I use the thresholds tau_0..tau_I of `filtering.threshold_schedule` (tau_0 = 0.0).
+    reward: 'rm' (the learned reward model, trained on grow_1) or a reference-based metric
+      ('chrf+ter', 'bleu', ...; `rewards.metrics.MetricScorer`): the reward that scores Grow,
+      selects Improve checkpoints on dev, reranks best-of-N and is reported. With a metric no
+      reward model is trained.
     retrain_rm: train a new reward model on every Grow (default: once, on grow_1).
     dev_examples, test_examples: first pairs of the dev / test split used for stage evaluation
       (None: all); Improve's early stopping uses the same dev pairs.
@@ -210,12 +219,13 @@ def rest(workdir: str,
       previous stage's (or BC's) while its test BLEU falls by more than this many points.
   """
   from rest_jax import train as train_lib
-  from rest_jax.rewards import model as rm_model, scoring, train_rm
+  from rest_jax.rewards import metrics as metrics_lib, model as rm_model, scoring, train_rm
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   cache = os.path.join(os.path.abspath(workdir), 'cache')
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)
+  metric_scorer = None if reward == 'rm' else metrics_lib.MetricScorer(reward, detok)
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=dev_examples)
   test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
@@ -258,7 +268,9 @@ def rest(workdir: str,
     grow_dir = os.path.join(workdir, f'grow_{g}')
     gr = _run_stage(grow_dir, lambda: {'manifest': grow_lib.grow(
         grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)})
-    if g == 1 or retrain_rm:
+    if metric_scorer is not None:
+      rm_dir, scorer = None, metric_scorer
+    elif g == 1 or retrain_rm:
       rm_dir = os.path.join(workdir, 'rm' if g == 1 else f'rm_{g}')
       _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
           rm_dir, grow_dir=grow_dir, task=task)})
@@ -267,7 +279,7 @@ def rest(workdir: str,
       evaluate_stage(stages[0])
     scored_dir = os.path.join(workdir, f'scored_{g}')
     sc = _run_stage(scored_dir, lambda: {'manifest': scoring.score(
-        scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task)})
+        scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task, reward=reward)})
     grows.append(dict(grow=g, dir=grow_dir, scored_dir=scored_dir, policy_dir=policy_dir,
                       rm_dir=rm_dir, grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
                       counts=gr['manifest']['counts']))
@@ -300,7 +312,7 @@ def rest(workdir: str,
     bon[st['name']] = _run_stage(bon_dir, best_of_n, model, st['dir'], scorer, test_bon, detok)
 
   report = report_lib.build_report(stages, grows, bon, alarm_bleu_drop=alarm_bleu_drop,
-                                   taus=taus, mode=mode, loss=loss_name,
+                                   taus=taus, mode=mode, loss=loss_name, reward=reward,
                                    total_minutes=(time.perf_counter() - start) / 60)
   report_lib.write_report(workdir, report)
   return report
@@ -363,7 +375,13 @@ def compare_losses(workdir: str,
   scored_dir = os.path.join(workdir, f'scored_{grow_step}')
   rm_dir = os.path.join(workdir, 'rm')
   bc_dir = os.path.join(workdir, 'bc')
-  scorer = rm_model.load_reward_model(rm_dir)
+  with open(os.path.join(scored_dir, 'settings.json')) as f:
+    reward = json.load(f)['settings']['reward']  # The loop's reward: 'rm' or a metric.
+  if reward == 'rm':
+    scorer = rm_model.load_reward_model(rm_dir)
+  else:
+    from rest_jax.rewards import metrics as metrics_lib
+    scorer, rm_dir = metrics_lib.MetricScorer(reward, detok), None
   schedule = filtering.threshold_schedule()
   taus, mode = [t.tau for t in schedule], schedule[0].mode
   start_dir = os.path.join(workdir, 'losses', 'start_eval')
@@ -409,7 +427,9 @@ def compare_losses(workdir: str,
   trainer_lib.write_json(os.path.join(workdir, 'losses.json'), result)
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
            f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
-           f'from `{start_policy}`; rewards: learned RM, 0-100; BLEU: greedy, '
+           f'from `{start_policy}`; rewards: '
+           f"{'learned RM' if reward == 'rm' else repr(reward) + ' vs the reference'}, 0-100; "
+           'BLEU: greedy, '
            f'`{start["bleu_signature"]}`. `bc_references`: `bc` on the kept references only '
            '(continued supervised training, the control).', '',
            '| loss | train records per step | dev reward | test reward | test BLEU | test chrF |',

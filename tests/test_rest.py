@@ -13,7 +13,7 @@ import pytest
 import sacrebleu
 
 from rest_jax import evaluation, main as main_lib, rest as rest_lib
-from rest_jax.rewards import train_rm
+from rest_jax.rewards import metrics, train_rm
 
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
@@ -144,3 +144,25 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(resumed, 'rm'))
   run(['rest', f'--workdir={resumed}'] + TINY)
   assert _strip(_report(resumed)) == _strip(report)
+
+
+def test_rest_loop_with_a_metric_reward(tmp_path):
+  """`rest.reward='chrf+ter'`: no reward model; Grow is scored, Improve selected and stages
+  reported by the metric against the reference."""
+  workdir = str(tmp_path / 'metric')
+  run(['rest', f'--workdir={workdir}'] + TINY + [
+      "--gin.rest.reward='chrf+ter'", '--gin.rest.num_improve_steps=1',
+      '--gin.rest.best_of_n_stages=()'])
+  report = _report(workdir)
+  assert report['reward'] == 'chrf+ter' and not os.path.exists(os.path.join(workdir, 'rm'))
+  assert [s['name'] for s in report['stages']] == ['bc', 'G1I0', 'G1I1']
+  with open(os.path.join(workdir, 'scored_1', 'settings.json')) as f:
+    assert json.load(f)['settings']['reward'] == 'chrf+ter'
+  for s in report['stages']:
+    with open(os.path.join(workdir, 'eval', s['name'], 'test_translations.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    oracle = metrics.sentence_rewards([r['translation'] for r in rows],
+                                      [r['reference'] for r in rows], ('chrf+ter',))['chrf+ter']
+    assert np.isclose(100 * oracle.mean(), s['test_reward'], atol=1e-3)
+  with open(os.path.join(workdir, 'report.md')) as f:
+    assert "the metric 'chrf+ter' against the reference" in f.read()

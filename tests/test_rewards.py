@@ -69,6 +69,19 @@ def test_metric_rewards_equal_sacrebleu_sentence_scores():
     metrics.sentence_rewards(['a'], ['a'], ('chrf+comet',))
 
 
+def test_metric_scorer_scores_detokenized_candidates_against_references():
+  scorer = metrics.MetricScorer('chrf+ter', detokenize=text)
+  cands, refs = [[3, 4, 1], [3, 1], []], ['3 4', '3 4 4', '5']
+  r = scorer.score_ids([[9, 1]] * 3, cands, references=refs)
+  expected = metrics.sentence_rewards(['3 4', '3', ''], refs, ('chrf+ter',))['chrf+ter']
+  np.testing.assert_array_equal(r, expected)
+  assert r[0] == 1.0 and r[2] == 0.0 and 0.0 < r[1] < 1.0  # exact, different, empty
+  with pytest.raises(ValueError, match='needs the references'):
+    scorer.score_ids([[9, 1]], [[3, 1]])
+  with pytest.raises(ValueError, match='unknown metric'):
+    metrics.MetricScorer('comet', detokenize=text)
+
+
 def test_composite_metric_is_the_mean_and_punishes_a_doubled_reference():
   ref = 'Click the arrow next to the icon to open the toolbar.'
   cands = [ref, f'{ref} {ref}', 'Click the arrow to open the toolbar.']

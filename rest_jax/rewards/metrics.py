@@ -25,7 +25,7 @@ An empty (or whitespace-only) candidate gets 0 under every metric.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import sacrebleu
@@ -93,3 +93,32 @@ def sentence_rewards(candidates: Sequence[str], references: Sequence[str],
     base[name] = vals
   return {name: np.mean([base[p] for p in ps], axis=0).astype(np.float32)
           for name, ps in parts.items()}
+
+
+class MetricScorer:
+  """A reference-based metric as the reward of the ReST loop, in place of the learned RM.
+
+  The interface of `model.RewardScorer` (`score_ids`), plus the references the metric needs:
+  `rest.rest(reward='chrf+ter')` scores Grow with this metric (`scoring.score(reward=...)`), selects
+  Improve checkpoints and reranks best-of-N by it, and reports it as the stage reward. Reference-
+  based rewards are possible in translation (the ReST paper, sec. 4, uses a learned reference-free
+  metric instead); with them the policy cannot exploit a learned model's errors.
+  """
+
+  def __init__(self, metric: str, detokenize: Callable[[Sequence[int]], str]):
+    components(metric)  # Raises on an unknown metric.
+    self.metric = metric
+    self.detokenize = detokenize
+
+  def score_ids(self, source_ids: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]],
+                batch_size: int = 64, references: Sequence[str] | None = None) -> np.ndarray:
+    """Rewards in [0, 1], [n] float32: `sentence_rewards` of the detokenized candidates.
+
+    Raises:
+      ValueError: no `references`, or not one per candidate.
+    """
+    del source_ids, batch_size
+    if references is None:
+      raise ValueError(f'the {self.metric!r} reward needs the references of the candidates')
+    return sentence_rewards([self.detokenize(c) for c in candidate_ids], list(references),
+                            (self.metric,))[self.metric]

@@ -393,8 +393,14 @@ class RewardScorer:
     return calibrate(raw, self.calibration)
 
   def score_ids(self, source_ids: Sequence[Sequence[int]],
-                candidate_ids: Sequence[Sequence[int]], batch_size: int = 64) -> np.ndarray:
-    """Calibrated rewards in [0, 1], [n] float32 (arguments as in `raw_scores`)."""
+                candidate_ids: Sequence[Sequence[int]], batch_size: int = 64,
+                references: Sequence[str] | None = None) -> np.ndarray:
+    """Calibrated rewards in [0, 1], [n] float32 (arguments as in `raw_scores`).
+
+    `references` is ignored (the model is reference-free); it is accepted so that callers treat
+    this and `metrics.MetricScorer` alike.
+    """
+    del references
     return self.calibrate(self.raw_scores(source_ids, candidate_ids, batch_size))
 
   def tokenize(self, text: str) -> list[int]:
