@@ -21,7 +21,7 @@ from rest_jax import trainer as trainer_lib
 STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'train_references',
               'distinct_sources',
               'dev_reward', 'test_reward', 'dev_bleu', 'test_bleu', 'dev_chrf', 'test_chrf',
-              'test_length_ratio', 'test_bleu_bp', 'minutes', 'stage_minutes', 'steps', 'best_step')
+              'test_oracle', 'test_length_ratio', 'test_bleu_bp', 'minutes', 'stage_minutes', 'steps', 'best_step')
 
 
 def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float = 1.0) -> list[dict]:
@@ -90,16 +90,19 @@ def markdown(report: dict) -> str:
   lines = ['# ReST report', '',
            f"Loss `{report['loss']}`; thresholds {report['thresholds']['taus']} "
            f"({report['thresholds']['mode']}). Rewards: {_reward_name(report)}, 0-100. "
-           'BLEU / chrF: greedy decoding.', '',
+           "Test oracle: mean sentence 'chrf+ter' against the reference, 0-100 (what the "
+           'default reward model learns to imitate). BLEU / chrF: greedy decoding.', '',
            '| stage | G | I | tau | train records | of which references | distinct samples '
-           '| dev reward | test reward | test BLEU | test chrF | test length ratio | minutes |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '| dev reward | test reward | test oracle | test BLEU | test chrF | test length ratio '
+           '| minutes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for s in report['stages']:
     lines.append(
         f"| {s['name']} | {s['grow'] or ''} | {_fmt(s['improve'])} | {_fmt(s['tau'])} "
         f"| {_fmt(s['num_train_records'])} | {_fmt(s.get('train_references'))} "
         f"| {_fmt(samples.get(s['grow']))} "
-        f"| {_fmt(s['dev_reward'])} | {_fmt(s['test_reward'])} | {_fmt(s['test_bleu'])} "
+        f"| {_fmt(s['dev_reward'])} | {_fmt(s['test_reward'])} | {_fmt(s.get('test_oracle'))} "
+        f"| {_fmt(s['test_bleu'])} "
         f"| {_fmt(s['test_chrf'])} | {_fmt(s.get('test_length_ratio'), '.3f')} "
         f"| {_fmt(s['minutes'], '.1f')} |")
   lines += ['', '| Grow | sources | samples drawn | distinct samples kept | records | Grow min '

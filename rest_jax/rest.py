@@ -36,6 +36,7 @@ from rest_jax import data as data_lib
 from rest_jax import evaluation, filtering, grow as grow_lib, improve as improve_lib
 from rest_jax import input_pipeline, partitioning, report as report_lib
 from rest_jax import trainer as trainer_lib
+from rest_jax.rewards import metrics as metrics_lib
 
 STAGE_FILE = 'stage.json'
 
@@ -108,9 +109,13 @@ def write_translations(path: str, data: input_pipeline.TaskData, translations: S
                             'out_dir'])
 def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
                     max_decode_len: int = 128, batch_size: int = 64,
+                    oracle: str = 'chrf+ter',
                     out_dir: str | None = None) -> dict[str, Any]:
   """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF,
-  BLEU's brevity penalty and length ratio (`evaluation.corpus_metrics`).
+  BLEU's brevity penalty and length ratio (`evaluation.corpus_metrics`), and `<split>_oracle`:
+  the mean sentence reward (0-100) of the metric `oracle` against the references
+  (`rewards.metrics`; 'chrf+ter' is the simulated preference the default reward model learns to
+  imitate, so a learned reward that rises while the oracle falls is being exploited).
 
   `dev` may be None (an Improve step already measured its best policy on the same dev pairs).
   With `out_dir`, each split's translations are written to `out_dir/<split>_translations.jsonl`
@@ -130,6 +135,8 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
     if out_dir:
       write_translations(os.path.join(out_dir, f'{split}_translations.jsonl'), data, hyps, reward)
     out[f'{split}_reward'] = 100.0 * float(np.mean(reward))
+    out[f'{split}_oracle'] = 100.0 * float(np.mean(metrics_lib.sentence_rewards(
+        hyps, data.targets, (oracle,))[oracle]))
     out[f'{split}_bleu'] = m['bleu']
     out[f'{split}_chrf'] = m['chrf']
     out[f'{split}_bleu_bp'] = m['bleu_bp']
@@ -219,7 +226,7 @@ def rest(workdir: str,
       previous stage's (or BC's) while its test BLEU falls by more than this many points.
   """
   from rest_jax import train as train_lib
-  from rest_jax.rewards import metrics as metrics_lib, model as rm_model, scoring, train_rm
+  from rest_jax.rewards import model as rm_model, scoring, train_rm
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   cache = os.path.join(os.path.abspath(workdir), 'cache')
@@ -380,7 +387,6 @@ def compare_losses(workdir: str,
   if reward == 'rm':
     scorer = rm_model.load_reward_model(rm_dir)
   else:
-    from rest_jax.rewards import metrics as metrics_lib
     scorer, rm_dir = metrics_lib.MetricScorer(reward, detok), None
   schedule = filtering.threshold_schedule()
   taus, mode = [t.tau for t in schedule], schedule[0].mode
@@ -419,26 +425,29 @@ def compare_losses(workdir: str,
     rows.append(dict(loss=name, stage=f'G{grow_step}I{num_improve_steps}',
                      origins=list(origins), train_records=kept,
                      dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],
-                     test_bleu=ev['test_bleu'], test_chrf=ev['test_chrf']))
-  result = {'start': {k: start[k] for k in ('dev_reward', 'test_reward', 'test_bleu',
-                                            'test_chrf')},
+                     test_bleu=ev['test_bleu'], test_chrf=ev['test_chrf'],
+                     test_oracle=ev.get('test_oracle')))
+  result = {'start': {k: start.get(k) for k in ('dev_reward', 'test_reward', 'test_oracle',
+                                                'test_bleu', 'test_chrf')},
             'start_policy': start_policy, 'losses': rows, 'taus': taus[:num_improve_steps + 1],
-            'mode': mode, 'bleu_signature': start['bleu_signature']}
+            'mode': mode, 'reward': reward, 'bleu_signature': start['bleu_signature']}
   trainer_lib.write_json(os.path.join(workdir, 'losses.json'), result)
+  f2 = lambda v: '' if v is None else f'{v:.2f}'
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
            f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
            f'from `{start_policy}`; rewards: '
            f"{'learned RM' if reward == 'rm' else repr(reward) + ' vs the reference'}, 0-100; "
-           'BLEU: greedy, '
+           "oracle: mean sentence 'chrf+ter' vs the reference, 0-100; BLEU: greedy, "
            f'`{start["bleu_signature"]}`. `bc_references`: `bc` on the kept references only '
            '(continued supervised training, the control).', '',
-           '| loss | train records per step | dev reward | test reward | test BLEU | test chrF |',
-           '|---|---|---|---|---|---|',
-           f"| (start) | | {start['dev_reward']:.2f} | {start['test_reward']:.2f} "
-           f"| {start['test_bleu']:.2f} | {start['test_chrf']:.2f} |"]
+           '| loss | train records per step | dev reward | test reward | test oracle | test BLEU '
+           '| test chrF |', '|---|---|---|---|---|---|---|',
+           f"| (start) | | {f2(start['dev_reward'])} | {f2(start['test_reward'])} "
+           f"| {f2(start.get('test_oracle'))} | {f2(start['test_bleu'])} "
+           f"| {f2(start['test_chrf'])} |"]
   lines += [f"| {r['loss']} | {', '.join(map(str, r['train_records']))} "
-            f"| {r['dev_reward']:.2f} | {r['test_reward']:.2f} | "
-            f"{r['test_bleu']:.2f} | {r['test_chrf']:.2f} |" for r in rows]
+            f"| {f2(r['dev_reward'])} | {f2(r['test_reward'])} | {f2(r['test_oracle'])} "
+            f"| {f2(r['test_bleu'])} | {f2(r['test_chrf'])} |" for r in rows]
   with open(os.path.join(workdir, 'losses.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

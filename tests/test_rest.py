@@ -109,6 +109,8 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
     assert np.isclose(100 * np.mean([r['reward'] for r in rows]), s['test_reward'], atol=1e-3)
     hyps, refs = [r['translation'] for r in rows], [r['reference'] for r in rows]
     assert np.isclose(sacrebleu.corpus_bleu(hyps, [refs]).score, s['test_bleu'])
+    oracle = metrics.sentence_rewards(hyps, refs, ('chrf+ter',))['chrf+ter']
+    assert np.isclose(100 * oracle.mean(), s['test_oracle'])
   assert os.path.exists(os.path.join(straight, 'eval', 'bc', 'dev_translations.jsonl'))
 
   # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
@@ -127,7 +129,8 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert losses['losses'][0]['train_records'] == kept[:2]
   g1i1 = next(s for s in report['stages'] if s['name'] == 'G1I1')
   bc_row = losses['losses'][0]
-  assert (bc_row['test_reward'], bc_row['test_bleu']) == (g1i1['test_reward'], g1i1['test_bleu'])
+  assert ((bc_row['test_reward'], bc_row['test_bleu'], bc_row['test_oracle'])
+          == (g1i1['test_reward'], g1i1['test_bleu'], g1i1['test_oracle']))
   with open(os.path.join(straight, 'losses.md')) as f:
     assert '| gold |' in f.read()
 
@@ -164,5 +167,6 @@ def test_rest_loop_with_a_metric_reward(tmp_path):
     oracle = metrics.sentence_rewards([r['translation'] for r in rows],
                                       [r['reference'] for r in rows], ('chrf+ter',))['chrf+ter']
     assert np.isclose(100 * oracle.mean(), s['test_reward'], atol=1e-3)
+    assert np.isclose(s['test_oracle'], s['test_reward'], atol=1e-3)  # The reward is the oracle.
   with open(os.path.join(workdir, 'report.md')) as f:
     assert "the metric 'chrf+ter' against the reference" in f.read()
