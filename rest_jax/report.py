@@ -24,30 +24,47 @@ STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'tr
               'test_oracle', 'test_length_ratio', 'test_bleu_bp', 'minutes', 'stage_minutes', 'steps', 'best_step')
 
 
-def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float = 1.0) -> list[dict]:
-  """Stages whose test RM reward rose while test BLEU fell by more than `bleu_drop` points.
+ALARM_MEASURES = {'test_bleu': 'test BLEU', 'test_oracle': 'test oracle (chrF+TER)'}
+
+
+def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float | None = 1.0,
+                          oracle_drop: float | None = 1.0) -> list[dict]:
+  """Stages whose test reward rose while a reference measure fell: test BLEU by more than
+  `bleu_drop` points (ReST sec. 5: PPO's reward rose while BLEU fell ~8 points), or the test
+  oracle (`test_oracle`, 0-100, the metric the reward model imitates) by more than `oracle_drop`
+  (None: that check is off; a stage without the measure is skipped).
 
   Each stage is compared with the stage before it and with the first stage (BC).
+
+  Returns:
+    One dict per (stage, reference stage, measure): stage, versus, measure, reward_change,
+    change (of the measure, negative), message.
   """
+  drops = {'test_bleu': bleu_drop, 'test_oracle': oracle_drop}
   alarms = []
   for k, st in enumerate(stages[1:], start=1):
     for ref in {stages[k - 1]['name']: stages[k - 1], stages[0]['name']: stages[0]}.values():
-      if (st['test_reward'] > ref['test_reward']
-          and ref['test_bleu'] - st['test_bleu'] > bleu_drop):
-        alarms.append(dict(stage=st['name'], versus=ref['name'],
-                           reward_change=st['test_reward'] - ref['test_reward'],
-                           bleu_change=st['test_bleu'] - ref['test_bleu'],
-                           message=f"reward hacking? {st['name']} vs {ref['name']}: test RM reward "
-                                   f"{ref['test_reward']:.2f} -> {st['test_reward']:.2f} while "
-                                   f"test BLEU {ref['test_bleu']:.2f} -> {st['test_bleu']:.2f}"))
+      if not st['test_reward'] > ref['test_reward']:
+        continue
+      for key, drop in drops.items():
+        if drop is None or st.get(key) is None or ref.get(key) is None:
+          continue
+        if ref[key] - st[key] > drop:
+          alarms.append(dict(
+              stage=st['name'], versus=ref['name'], measure=key,
+              reward_change=st['test_reward'] - ref['test_reward'], change=st[key] - ref[key],
+              message=f"reward hacking? {st['name']} vs {ref['name']}: test reward "
+                      f"{ref['test_reward']:.2f} -> {st['test_reward']:.2f} while "
+                      f"{ALARM_MEASURES[key]} {ref[key]:.2f} -> {st[key]:.2f}"))
   return alarms
 
 
 def build_report(stages: Sequence[dict], grows: Sequence[dict], best_of_n: dict,
-                 alarm_bleu_drop: float, taus: Sequence[float], mode: str, loss: str,
-                 total_minutes: float, reward: str = 'rm') -> dict[str, Any]:
+                 alarm_bleu_drop: float | None, taus: Sequence[float], mode: str, loss: str,
+                 total_minutes: float, reward: str = 'rm',
+                 alarm_oracle_drop: float | None = 1.0) -> dict[str, Any]:
   """The report dict (see the module docstring); prints the alarms."""
-  alarms = reward_hacking_alarms(stages, alarm_bleu_drop)
+  alarms = reward_hacking_alarms(stages, alarm_bleu_drop, alarm_oracle_drop)
   for a in alarms:
     print('ALARM:', a['message'])
   sig = next((s.get('bleu_signature') for s in stages if s.get('bleu_signature')), None)

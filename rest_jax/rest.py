@@ -201,7 +201,8 @@ def rest(workdir: str,
          best_of_n_stages: Sequence[str] = ('bc', 'last'),
          inputs_length: int = 128,
          targets_length: int = 128,
-         alarm_bleu_drop: float = 1.0) -> dict[str, Any]:
+         alarm_bleu_drop: float | None = 1.0,
+         alarm_oracle_drop: float | None = 1.0) -> dict[str, Any]:
   """The whole ReST loop in `workdir`; returns the report (also `report.json` / `report.md`).
 
   Args:
@@ -223,7 +224,9 @@ def rest(workdir: str,
     best_of_n_examples: test sources for best-of-N reranking, on the stages `best_of_n_stages`
       ('bc', 'last' or stage names).
     alarm_bleu_drop: the reward-hacking alarm fires when a stage's test RM reward rises over the
-      previous stage's (or BC's) while its test BLEU falls by more than this many points.
+      previous stage's (or BC's) while its test BLEU falls by more than this many points ...
+    alarm_oracle_drop: ... or while its test oracle (mean sentence chrF+TER vs the reference,
+      0-100) falls by more than this many points (`report.reward_hacking_alarms`; None: off).
   """
   from rest_jax import train as train_lib
   from rest_jax.rewards import model as rm_model, scoring, train_rm
@@ -319,6 +322,7 @@ def rest(workdir: str,
     bon[st['name']] = _run_stage(bon_dir, best_of_n, model, st['dir'], scorer, test_bon, detok)
 
   report = report_lib.build_report(stages, grows, bon, alarm_bleu_drop=alarm_bleu_drop,
+                                   alarm_oracle_drop=alarm_oracle_drop,
                                    taus=taus, mode=mode, loss=loss_name, reward=reward,
                                    total_minutes=(time.perf_counter() - start) / 60)
   report_lib.write_report(workdir, report)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from rest_jax import evaluation, main as main_lib, rest as rest_lib
+from rest_jax import evaluation, main as main_lib, report as report_lib, rest as rest_lib
 from rest_jax.rewards import metrics, train_rm
 
 TINY = [
@@ -73,6 +73,27 @@ def test_corpus_metrics_length_statistics():
   assert m['length_ratio'] == 1.25 and m['bleu_bp'] == 1.0
   with pytest.raises(ValueError):
     evaluation.corpus_metrics(['a'], [])
+
+
+def test_reward_hacking_alarms_on_hand_made_stages():
+  st = lambda name, reward, bleu, oracle=None: dict(name=name, test_reward=reward,
+                                                    test_bleu=bleu, test_oracle=oracle)
+  stages = [st('bc', 30.0, 12.0, 30.0),
+            st('G1I0', 31.0, 11.5, 29.5),   # BLEU -0.5, oracle -0.5: no alarm.
+            st('G1I1', 33.0, 10.9, 28.9),   # vs bc: BLEU -1.1 and oracle -1.1; vs G1I0: neither.
+            st('G1I2', 32.0, 9.0, 26.0),    # reward fell vs G1I1 (no alarm there); vs bc: both.
+            st('G1I3', 34.0, 6.5)]          # no oracle: BLEU alarms only.
+  alarms = report_lib.reward_hacking_alarms(stages, bleu_drop=1.0, oracle_drop=1.0)
+  got = [(a['stage'], a['versus'], a['measure']) for a in alarms]
+  assert got == [('G1I1', 'bc', 'test_bleu'), ('G1I1', 'bc', 'test_oracle'),
+                 ('G1I2', 'bc', 'test_bleu'), ('G1I2', 'bc', 'test_oracle'),
+                 ('G1I3', 'G1I2', 'test_bleu'), ('G1I3', 'bc', 'test_bleu')]
+  assert alarms[1]['reward_change'] == 3.0 and np.isclose(alarms[1]['change'], -1.1)
+  assert 'test oracle (chrF+TER) 30.00 -> 28.90' in alarms[1]['message']
+  only_bleu = report_lib.reward_hacking_alarms(stages, bleu_drop=1.0, oracle_drop=None)
+  assert {a['measure'] for a in only_bleu} == {'test_bleu'} and len(only_bleu) == 4
+  assert report_lib.reward_hacking_alarms(stages, bleu_drop=5.0, oracle_drop=5.0) == [
+      a for a in alarms if a['stage'] == 'G1I3' and a['versus'] == 'bc']
 
 
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
