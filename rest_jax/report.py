@@ -34,7 +34,9 @@ def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float | None = 1.0,
   oracle (`test_oracle`, 0-100, the metric the reward model imitates) by more than `oracle_drop`
   (None: that check is off; a stage without the measure is skipped).
 
-  Each stage is compared with the stage before it and with the first stage (BC).
+  Each stage is compared with the stage before it and with the first stage (BC); a stage that
+  kept its start policy (an Improve step that never beat it: the same test reward and BLEU as the
+  stage before) raises no alarm of its own.
 
   Returns:
     One dict per (stage, reference stage, measure): stage, versus, measure, reward_change,
@@ -43,7 +45,10 @@ def reward_hacking_alarms(stages: Sequence[dict], bleu_drop: float | None = 1.0,
   drops = {'test_bleu': bleu_drop, 'test_oracle': oracle_drop}
   alarms = []
   for k, st in enumerate(stages[1:], start=1):
-    for ref in {stages[k - 1]['name']: stages[k - 1], stages[0]['name']: stages[0]}.values():
+    prev = stages[k - 1]
+    if (st['test_reward'], st['test_bleu']) == (prev['test_reward'], prev['test_bleu']):
+      continue
+    for ref in {prev['name']: prev, stages[0]['name']: stages[0]}.values():
       if not st['test_reward'] > ref['test_reward']:
         continue
       for key, drop in drops.items():

@@ -82,7 +82,8 @@ def test_reward_hacking_alarms_on_hand_made_stages():
             st('G1I0', 31.0, 11.5, 29.5),   # BLEU -0.5, oracle -0.5: no alarm.
             st('G1I1', 33.0, 10.9, 28.9),   # vs bc: BLEU -1.1 and oracle -1.1; vs G1I0: neither.
             st('G1I2', 32.0, 9.0, 26.0),    # reward fell vs G1I1 (no alarm there); vs bc: both.
-            st('G1I3', 34.0, 6.5)]          # no oracle: BLEU alarms only.
+            st('G1I3', 34.0, 6.5),          # no oracle: BLEU alarms only.
+            st('G2I0', 34.0, 6.5)]          # kept its start (= G1I3): no alarm of its own.
   alarms = report_lib.reward_hacking_alarms(stages, bleu_drop=1.0, oracle_drop=1.0)
   got = [(a['stage'], a['versus'], a['measure']) for a in alarms]
   assert got == [('G1I1', 'bc', 'test_bleu'), ('G1I1', 'bc', 'test_oracle'),
