@@ -21,7 +21,8 @@ from rest_jax import trainer as trainer_lib
 STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'train_references',
               'distinct_sources',
               'dev_reward', 'test_reward', 'dev_bleu', 'test_bleu', 'dev_chrf', 'test_chrf',
-              'test_oracle', 'test_length_ratio', 'test_bleu_bp', 'minutes', 'stage_minutes', 'steps', 'best_step')
+              'test_oracle', 'test_length_ratio', 'test_bleu_bp',
+              'minutes', 'stage_minutes', 'steps', 'best_step')
 
 
 ALARM_MEASURES = {'test_bleu': 'test BLEU', 'test_oracle': 'test oracle (chrF+TER)'}

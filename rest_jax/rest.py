@@ -96,7 +96,8 @@ TRANSLATION_FIELDS = ('key', 'source', 'reference', 'translation', 'reward')
 def write_translations(path: str, data: input_pipeline.TaskData, translations: Sequence[str],
                        rewards: np.ndarray) -> None:
   """One JSON line per pair: provenance key, source, reference, greedy translation and its
-  normalised RM reward in [0, 1]. Written to a temporary file and renamed (no partial file)."""
+  reward in [0, 1] (the loop's reward: the learned RM's normalised score, or the metric). Written
+  to a temporary file and renamed (no partial file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     for row in zip(data.keys, data.inputs, data.targets, translations, rewards):
