@@ -103,7 +103,8 @@ def _reward_name(report: dict) -> str:
   return f'the metric {reward!r} against the reference'
 
 
-def _fmt(v, spec='.2f'):
+def fmt(v, spec='.2f') -> str:
+  """A table cell: '' for None, floats with `spec`, anything else as str."""
   return '' if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
@@ -121,13 +122,13 @@ def markdown(report: dict) -> str:
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for s in report['stages']:
     lines.append(
-        f"| {s['name']} | {s['grow'] or ''} | {_fmt(s['improve'])} | {_fmt(s['tau'])} "
-        f"| {_fmt(s['num_train_records'])} | {_fmt(s.get('train_references'))} "
-        f"| {_fmt(samples.get(s['grow']))} "
-        f"| {_fmt(s['dev_reward'])} | {_fmt(s['test_reward'])} | {_fmt(s.get('test_oracle'))} "
-        f"| {_fmt(s['test_bleu'])} "
-        f"| {_fmt(s['test_chrf'])} | {_fmt(s.get('test_length_ratio'), '.3f')} "
-        f"| {_fmt(s['minutes'], '.1f')} |")
+        f"| {s['name']} | {s['grow'] or ''} | {fmt(s['improve'])} | {fmt(s['tau'])} "
+        f"| {fmt(s['num_train_records'])} | {fmt(s.get('train_references'))} "
+        f"| {fmt(samples.get(s['grow']))} "
+        f"| {fmt(s['dev_reward'])} | {fmt(s['test_reward'])} | {fmt(s.get('test_oracle'))} "
+        f"| {fmt(s['test_bleu'])} "
+        f"| {fmt(s['test_chrf'])} | {fmt(s.get('test_length_ratio'), '.3f')} "
+        f"| {fmt(s['minutes'], '.1f')} |")
   lines += ['', '| Grow | sources | samples drawn | distinct samples kept | records | Grow min '
             '| score min |', '|---|---|---|---|---|---|---|']
   for g in report['grows']:

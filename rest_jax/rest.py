@@ -437,7 +437,7 @@ def compare_losses(workdir: str,
             'start_policy': start_policy, 'losses': rows, 'taus': taus[:num_improve_steps + 1],
             'mode': mode, 'reward': reward, 'bleu_signature': start['bleu_signature']}
   trainer_lib.write_json(os.path.join(workdir, 'losses.json'), result)
-  f2 = lambda v: '' if v is None else f'{v:.2f}'
+  f2 = report_lib.fmt
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
            f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
            f'from `{start_policy}`; rewards: '
