@@ -120,6 +120,16 @@ def _score_fn(model):
   return jax.jit(model.score_batch)
 
 
+def sample_seed(seed: int, grow_step: int) -> int:
+  """The sampling seed of Grow `grow_step` of a loop seeded with `seed`: `seed` itself for
+  Grow 1, else a seed derived from (seed, grow_step) (`numpy.random.SeedSequence`), so that each
+  Grow draws fresh samples (ReST sec. 2 samples anew in every Grow; with one seed for all Grows a
+  policy that no Improve step changed would reproduce the previous Grow record for record)."""
+  if grow_step == 1:
+    return int(seed)
+  return int(np.random.SeedSequence([int(seed), int(grow_step)]).generate_state(1)[0] >> 1)
+
+
 def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
                       source_indices: np.ndarray, *, seed: int, num_decodes: int,
                       temperature: float, topk: int = 0, topp: float = 0.0,
@@ -413,8 +423,9 @@ def grow(output_dir: str,
     batch_size: sources per decoding batch (see `sample_candidates`); not part of the settings
       (it does not change which samples are drawn).
     chunk_size: sources per chunk file (the unit of resumption).
-    seed: sampling seed; source i uses `fold_in(PRNGKey(seed), i)`.
-    grow_step: which Grow of the ReST loop (1, 2, ...), stored in every record.
+    seed: sampling seed; source i uses `fold_in(PRNGKey(sample_seed(seed, grow_step)), i)`.
+    grow_step: which Grow of the ReST loop (1, 2, ...), stored in every record; Grow g > 1
+      samples with its own seed (`sample_seed`).
     max_sources: grow only the first sources of the split (None: all), counted after
       `source_every`.
     source_every: grow every k-th source of the split only (1: all), so that a `max_sources`
@@ -457,6 +468,8 @@ def grow(output_dir: str,
                   source_every=source_every, num_sources=num_sources,
                   inputs_length=inputs_length, targets_length=targets_length,
                   process_count=P, model_config=repr(model.config))
+  if grow_step > 1:  # (Grow 1's settings, and so its hash, are as they were before this key.)
+    settings['sample_seed'] = sample_seed(seed, grow_step)
   settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   _check_settings(output_dir, settings, settings_hash)
   manifest_path = os.path.join(output_dir, 'manifest.json')
@@ -504,7 +517,8 @@ def grow(output_dir: str,
     def progress(m):
       bar.update(m)
       bar.set_postfix(cand_s=f'{bar.n * num_decodes / (time.perf_counter() - start):,.1f}')
-    samples = sample_candidates(model, params, enc, rows, seed=seed, num_decodes=num_decodes,
+    samples = sample_candidates(model, params, enc, rows, seed=sample_seed(seed, grow_step),
+                                num_decodes=num_decodes,
                                 temperature=temperature, topk=topk, topp=topp,
                                 max_decode_len=max_decode_len,
                                 decode_length_ratio=decode_length_ratio, mesh=mesh,

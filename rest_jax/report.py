@@ -21,7 +21,7 @@ from rest_jax import trainer as trainer_lib
 STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'train_references',
               'distinct_sources',
               'dev_reward', 'test_reward', 'dev_bleu', 'test_bleu', 'dev_chrf', 'test_chrf',
-              'test_oracle', 'test_length_ratio', 'test_bleu_bp',
+              'test_oracle', 'test_rm_oracle_kendall', 'test_length_ratio', 'test_bleu_bp',
               'minutes', 'stage_minutes', 'steps', 'best_step')
 
 
@@ -115,18 +115,19 @@ def markdown(report: dict) -> str:
            f"Loss `{report['loss']}`; thresholds {report['thresholds']['taus']} "
            f"({report['thresholds']['mode']}). Rewards: {_reward_name(report)}, 0-100. "
            "Test oracle: mean sentence 'chrf+ter' against the reference, 0-100 (what the "
-           'default reward model learns to imitate). BLEU / chrF: greedy decoding.', '',
+           'default reward model learns to imitate); reward-oracle Kendall: rank agreement of '
+           "the two over the stage's test translations. BLEU / chrF: greedy decoding.", '',
            '| stage | G | I | tau | train records | of which references | distinct samples '
-           '| dev reward | test reward | test oracle | test BLEU | test chrF | test length ratio '
-           '| minutes |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '| dev reward | test reward | test oracle | reward-oracle Kendall | test BLEU '
+           '| test chrF | test length ratio | minutes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for s in report['stages']:
     lines.append(
         f"| {s['name']} | {s['grow'] or ''} | {fmt(s['improve'])} | {fmt(s['tau'])} "
         f"| {fmt(s['num_train_records'])} | {fmt(s.get('train_references'))} "
         f"| {fmt(samples.get(s['grow']))} "
         f"| {fmt(s['dev_reward'])} | {fmt(s['test_reward'])} | {fmt(s.get('test_oracle'))} "
-        f"| {fmt(s['test_bleu'])} "
+        f"| {fmt(s.get('test_rm_oracle_kendall'), '.3f')} | {fmt(s['test_bleu'])} "
         f"| {fmt(s['test_chrf'])} | {fmt(s.get('test_length_ratio'), '.3f')} "
         f"| {fmt(s['minutes'], '.1f')} |")
   lines += ['', '| Grow | sources | samples drawn | distinct samples kept | records | Grow min '

@@ -90,20 +90,34 @@ def _sources(data: input_pipeline.TaskData) -> list[list[int]]:
   return [[int(t) for t in row[:n]] for row, n in zip(enc, data_lib.lengths(enc))]
 
 
-TRANSLATION_FIELDS = ('key', 'source', 'reference', 'translation', 'reward')
+TRANSLATION_FIELDS = ('key', 'source', 'reference', 'translation', 'reward', 'oracle')
 
 
 def write_translations(path: str, data: input_pipeline.TaskData, translations: Sequence[str],
-                       rewards: np.ndarray) -> None:
-  """One JSON line per pair: provenance key, source, reference, greedy translation and its
-  reward in [0, 1] (the loop's reward: the learned RM's normalised score, or the metric). Written
-  to a temporary file and renamed (no partial file)."""
+                       rewards: np.ndarray, oracle: np.ndarray) -> None:
+  """One JSON line per pair: provenance key, source, reference, greedy translation, its reward in
+  [0, 1] (the loop's reward: the learned RM's normalised score, or the metric) and its oracle
+  reward in [0, 1] (`evaluate_policy.oracle` against the reference). Written to a temporary file
+  and renamed (no partial file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in zip(data.keys, data.inputs, data.targets, translations, rewards):
-      f.write(json.dumps(dict(zip(TRANSLATION_FIELDS, row[:4] + (round(float(row[4]), 6),))),
-                         ensure_ascii=False) + '\n')
+    for row in zip(data.keys, data.inputs, data.targets, translations, rewards, oracle):
+      scores = tuple(round(float(v), 6) for v in row[4:])
+      f.write(json.dumps(dict(zip(TRANSLATION_FIELDS, row[:4] + scores)), ensure_ascii=False)
+              + '\n')
   os.replace(path + '.tmp', path)
+
+
+def rank_agreement(reward: np.ndarray, oracle: np.ndarray) -> float:
+  """Kendall's tau-b (scipy.stats) between per-sentence rewards and oracle rewards, both
+  `[num_sentences]` float; NaN with fewer than two sentences or a constant side. Measured on a
+  stage's own translations it shows whether the reward still ranks that policy's outputs as the
+  oracle does: a falling value while the reward rises is the reward model being exploited."""
+  from scipy import stats
+  reward, oracle = np.asarray(reward, np.float64), np.asarray(oracle, np.float64)
+  if len(reward) < 2 or np.ptp(reward) == 0 or np.ptp(oracle) == 0:
+    return float('nan')
+  return float(stats.kendalltau(reward, oracle).statistic)
 
 
 @gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize',
@@ -116,7 +130,8 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
   BLEU's brevity penalty and length ratio (`evaluation.corpus_metrics`), and `<split>_oracle`:
   the mean sentence reward (0-100) of the metric `oracle` against the references
   (`rewards.metrics`; 'chrf+ter' is the simulated preference the default reward model learns to
-  imitate, so a learned reward that rises while the oracle falls is being exploited).
+  imitate, so a learned reward that rises while the oracle falls is being exploited), and
+  `<split>_rm_oracle_kendall`: `rank_agreement` of the per-sentence rewards and oracle rewards.
 
   `dev` may be None (an Improve step already measured its best policy on the same dev pairs).
   With `out_dir`, each split's translations are written to `out_dir/<split>_translations.jsonl`
@@ -133,11 +148,13 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
     reward = scorer.score_ids(_sources(data), ids, references=data.targets)
     hyps = [detokenize(i) for i in ids]
     m = evaluation.corpus_metrics(hyps, data.targets)
+    oracle_reward = np.asarray(metrics_lib.sentence_rewards(hyps, data.targets, (oracle,))[oracle])
     if out_dir:
-      write_translations(os.path.join(out_dir, f'{split}_translations.jsonl'), data, hyps, reward)
+      write_translations(os.path.join(out_dir, f'{split}_translations.jsonl'), data, hyps, reward,
+                         oracle_reward)
     out[f'{split}_reward'] = 100.0 * float(np.mean(reward))
-    out[f'{split}_oracle'] = 100.0 * float(np.mean(metrics_lib.sentence_rewards(
-        hyps, data.targets, (oracle,))[oracle]))
+    out[f'{split}_oracle'] = 100.0 * float(np.mean(oracle_reward))
+    out[f'{split}_rm_oracle_kendall'] = rank_agreement(reward, oracle_reward)
     out[f'{split}_bleu'] = m['bleu']
     out[f'{split}_chrf'] = m['chrf']
     out[f'{split}_bleu_bp'] = m['bleu_bp']
@@ -195,6 +212,7 @@ def rest(workdir: str,
          num_grow_steps: int = 2,
          num_improve_steps: int = 2,
          reward: str = 'rm',
+         rm_dir: str | None = None,
          retrain_rm: bool = False,
          dev_examples: int = 200,
          test_examples: int | None = 500,
@@ -219,7 +237,12 @@ def rest(workdir: str,
       ('chrf+ter', 'bleu', ...; `rewards.metrics.MetricScorer`): the reward that scores Grow,
       selects Improve checkpoints on dev, reranks best-of-N and is reported. With a metric no
       reward model is trained.
+    rm_dir: a finished reward model (a `rest-jax train_rm` output dir) to use instead of
+      training one on grow_1 (e.g. one trained once on a larger Grow and shared by many loops).
     retrain_rm: train a new reward model on every Grow (default: once, on grow_1).
+
+  Raises:
+    ValueError: `rm_dir` with `retrain_rm` or with a metric `reward`; too few thresholds.
     dev_examples, test_examples: first pairs of the dev / test split used for stage evaluation
       (None: all); Improve's early stopping uses the same dev pairs.
     best_of_n_examples: test sources for best-of-N reranking, on the stages `best_of_n_stages`
@@ -247,6 +270,10 @@ def rest(workdir: str,
     raise ValueError(f'num_improve_steps={num_improve_steps} needs {num_improve_steps + 1} '
                      f'thresholds, the schedule has {len(taus)}: {taus}')
   loss_name = gin.query_parameter('improve.loss') if _bound('improve.loss') else 'bc'
+  if rm_dir and (retrain_rm or reward != 'rm'):
+    raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
+                     f"reward='rm' (not {reward!r}) and retrain_rm=False")
+  given_rm_dir = os.path.abspath(rm_dir) if rm_dir else None
 
   # -- BC ------------------------------------------------------------------------------------------
   bc_dir = os.path.join(workdir, 'bc')
@@ -261,7 +288,7 @@ def rest(workdir: str,
                  num_train_records=None, stage_minutes=bc['minutes'])]
 
   # -- Grow / score / Improve, each stage evaluated as soon as it is done -------------------------
-  policy_dir, rm_dir, scorer = bc_dir, os.path.join(workdir, 'rm'), None
+  policy_dir, rm_dir, scorer = bc_dir, given_rm_dir or os.path.join(workdir, 'rm'), None
   grows = []
 
   def evaluate_stage(st, dev_metrics=None):
@@ -281,6 +308,8 @@ def rest(workdir: str,
         grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)})
     if metric_scorer is not None:
       rm_dir, scorer = None, metric_scorer
+    elif given_rm_dir and g == 1:
+      scorer = rm_model.load_reward_model(rm_dir)
     elif g == 1 or retrain_rm:
       rm_dir = os.path.join(workdir, 'rm' if g == 1 else f'rm_{g}')
       _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
@@ -385,10 +414,12 @@ def compare_losses(workdir: str,
   with open(os.path.join(workdir, f'grow_{grow_step}', 'settings.json')) as f:
     start_policy = json.load(f)['settings']['policy_dir']
   scored_dir = os.path.join(workdir, f'scored_{grow_step}')
-  rm_dir = os.path.join(workdir, 'rm')
   bc_dir = os.path.join(workdir, 'bc')
   with open(os.path.join(scored_dir, 'settings.json')) as f:
-    reward = json.load(f)['settings']['reward']  # The loop's reward: 'rm' or a metric.
+    scored = json.load(f)['settings']
+  reward = scored['reward']  # The loop's reward: 'rm' or a metric, and its reward model.
+  rm_dir = scored.get('rm_dir')  # (<workdir>/rm when that path is gone: a moved work directory)
+  rm_dir = rm_dir if rm_dir and os.path.isdir(rm_dir) else os.path.join(workdir, 'rm')
   if reward == 'rm':
     scorer = rm_model.load_reward_model(rm_dir)
   else:

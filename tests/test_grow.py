@@ -172,6 +172,23 @@ def test_greedy_candidates_are_deduplicated(policy, tmp_path):
   assert c['samples_kept'] == 12 and c['duplicates_removed'] == 12 * (N - 1)
 
 
+def test_each_grow_step_samples_afresh(straight, policy, tmp_path):
+  # Grow 2 of the same policy: the same references, other samples (its own seed), so a loop whose
+  # Improve steps kept the policy does not repeat Grow 1; Grow 1 keeps the seed it was given.
+  assert grow_lib.sample_seed(3, 1) == 3 and grow_lib.sample_seed(3, 2) != 3
+  assert grow_lib.sample_seed(3, 2) == grow_lib.sample_seed(3, 2) != grow_lib.sample_seed(3, 3)
+  manifest = run_grow(tmp_path, policy, grow_step=2)
+  assert manifest['settings']['sample_seed'] == grow_lib.sample_seed(3, 2)
+  one, two = grow_lib.read_grow_records(str(straight[0])), grow_lib.read_grow_records(str(tmp_path))
+  refs = lambda rs: [(r['source_index'], r['candidate_ids'])
+                     for r in rs if r['origin'] == 'reference']
+  samples = lambda rs: {(r['source_index'], tuple(r['candidate_ids']))
+                        for r in rs if r['origin'] == 'sample'}
+  assert refs(one) == refs(two) and {r['grow_step'] for r in two} == {2}
+  assert samples(one) != samples(two)
+  assert 'sample_seed' not in straight[1]['settings']
+
+
 def test_changed_settings_on_resume_raise(policy, tmp_path):
   with pytest.raises(grow_lib.GrowInterrupted):
     run_grow(tmp_path, policy, _stop_after_chunks=1)

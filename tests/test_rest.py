@@ -75,6 +75,15 @@ def test_corpus_metrics_length_statistics():
     evaluation.corpus_metrics(['a'], [])
 
 
+def test_rank_agreement_by_hand():
+  # 4 sentences: pairs (0,1) (0,2) (0,3) (1,2) (1,3) concordant, (2,3) discordant -> (5 - 1) / 6.
+  assert np.isclose(rest_lib.rank_agreement([0.1, 0.2, 0.3, 0.4], [0.0, 0.5, 0.9, 0.8]), 4 / 6)
+  assert np.isclose(rest_lib.rank_agreement([0.1, 0.2, 0.3], [0.3, 0.2, 0.1]), -1.0)
+  # A reward model that gives every translation the same score ranks nothing.
+  assert np.isnan(rest_lib.rank_agreement([1.0, 1.0, 1.0], [0.1, 0.5, 0.9]))
+  assert np.isnan(rest_lib.rank_agreement([0.5], [0.5]))
+
+
 def test_reward_hacking_alarms_on_hand_made_stages():
   st = lambda name, reward, bleu, oracle=None: dict(name=name, test_reward=reward,
                                                     test_bleu=bleu, test_oracle=oracle)
@@ -133,6 +142,9 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
     assert np.isclose(sacrebleu.corpus_bleu(hyps, [refs]).score, s['test_bleu'])
     oracle = metrics.sentence_rewards(hyps, refs, ('chrf+ter',))['chrf+ter']
     assert np.isclose(100 * oracle.mean(), s['test_oracle'])
+    np.testing.assert_allclose([r['oracle'] for r in rows], oracle, atol=1e-6)
+    agreement = rest_lib.rank_agreement([r['reward'] for r in rows], oracle)
+    assert np.isclose(agreement, s['test_rm_oracle_kendall'], atol=1e-3, equal_nan=True)
   assert os.path.exists(os.path.join(straight, 'eval', 'bc', 'dev_translations.jsonl'))
 
   # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
@@ -169,6 +181,22 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert not os.path.exists(os.path.join(resumed, 'rm'))
   run(['rest', f'--workdir={resumed}'] + TINY)
   assert _strip(_report(resumed)) == _strip(report)
+
+  # A loop given the straight run's reward model as it is (rest.rm_dir): no rm/ of its own, its
+  # Grow scored by that model, so the same BC policy gets the same rewards as in the straight run.
+  shared = str(tmp_path / 'shared_rm')
+  run(['rest', f'--workdir={shared}'] + TINY + [
+      f"--gin.rest.rm_dir='{straight}/rm'", '--gin.rest.num_improve_steps=0',
+      '--gin.rest.best_of_n_stages=()'])
+  assert not os.path.exists(os.path.join(shared, 'rm'))
+  with open(os.path.join(shared, 'scored_1', 'settings.json')) as f:
+    assert json.load(f)['settings']['rm_dir'] == os.path.join(straight, 'rm')
+  bc_shared, bc_straight = _report(shared)['stages'][0], report['stages'][0]
+  assert (bc_shared['dev_reward'], bc_shared['test_reward']) == (
+      bc_straight['dev_reward'], bc_straight['test_reward'])
+  with pytest.raises(ValueError, match='rm_dir'):
+    run(['rest', f'--workdir={tmp_path / "bad"}'] + TINY + [
+        f"--gin.rest.rm_dir='{straight}/rm'", '--gin.rest.retrain_rm=True'])
 
 
 def test_rest_loop_with_a_metric_reward(tmp_path):
