@@ -97,3 +97,17 @@ def test_train_starts_from_an_npz_policy(tmp_path, monkeypatch):
   assert any(not np.array_equal(a[k], b[k]) for k in a)  # Seed 1 alone starts elsewhere ...
   for k in a:                                              # ... but from the .npz: run a's start.
     np.testing.assert_array_equal(c[k], a[k], err_msg=k)
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(main_lib._ROOT, 'gin_configs',
+                                                                'runs'))))
+def test_every_run_config_parses(name):
+  # Every include resolves and every binding names a registered configurable (a typo raises).
+  gin.clear_config()
+  main_lib.parse_gin([os.path.join('gin_configs', 'runs', name)], [])
+  if name.startswith('train_rm'):
+    from rest_jax.rewards import model as rm_model
+    config = gin.query_parameter('train_reward_model.config').scoped_configurable_fn()
+    assert isinstance(config, rm_model.RewardModelConfig)
+    assert config.emb_dim == {'train_rm.gin': 32, 'train_rm_small.gin': 64}[name]
+  gin.clear_config()
