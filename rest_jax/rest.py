@@ -237,8 +237,10 @@ def rest(workdir: str,
       ('chrf+ter', 'bleu', ...; `rewards.metrics.MetricScorer`): the reward that scores Grow,
       selects Improve checkpoints on dev, reranks best-of-N and is reported. With a metric no
       reward model is trained.
-    rm_dir: a finished reward model (a `rest-jax train_rm` output dir) to use instead of
-      training one on grow_1 (e.g. one trained once on a larger Grow and shared by many loops).
+    rm_dir: a finished reward model (a `rest-jax train_rm` output dir, or an exported one,
+      `rewards.model.export_reward_model`; a relative path not found here is looked up in the
+      repository) to use instead of training one on grow_1, e.g. the shipped
+      'checkpoints/rm_small_libreoffice_de_en' (trained once on a larger Grow).
     retrain_rm: train a new reward model on every Grow (default: once, on grow_1).
 
   Raises:
@@ -273,7 +275,7 @@ def rest(workdir: str,
   if rm_dir and (retrain_rm or reward != 'rm'):
     raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
                      f"reward='rm' (not {reward!r}) and retrain_rm=False")
-  given_rm_dir = os.path.abspath(rm_dir) if rm_dir else None
+  given_rm_dir = os.path.abspath(trainer_lib.params_file_path(rm_dir)) if rm_dir else None
 
   # -- BC ------------------------------------------------------------------------------------------
   bc_dir = os.path.join(workdir, 'bc')

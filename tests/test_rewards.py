@@ -260,6 +260,14 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
   assert r.dtype == np.float32 and r.shape == (3,) and ((0 <= r) & (r <= 1)).all()
   # score_text appends EOS to each text: '' is the EOS-only candidate [1], not the empty row [].
   np.testing.assert_allclose(scorer.score_text(['3 4', '5'], ['6', '']), r[:2])
+  # Exported (rm_config.json + float32 params.npz, no checkpoints/): scores exactly the same.
+  exported = rm_model.export_reward_model(str(out), str(out.parent / 'exported'))
+  assert sorted(os.listdir(exported)) == ['params.npz', 'rm_config.json']
+  again_scorer = rm_model.load_reward_model(exported, tokenize=tokenize)
+  np.testing.assert_array_equal(again_scorer.score_ids([[3, 4, 1], [5, 1], [5, 1]],
+                                                       [[6, 1], [1], []]), r)
+  with pytest.raises(FileNotFoundError, match='rm_config.json'):
+    rm_model.load_reward_model(str(out.parent / 'nowhere'))
   # A finished run is returned as is; other settings are refused.
   again = train_rm.train_reward_model(str(out), grow_dir=str(grow_dir), task='tiny', num_steps=6,
                                       batch_size=8, warmup_steps=2, dev_fraction=0.25,

@@ -57,6 +57,7 @@ PAD_SEGMENT, SOURCE_SEGMENT, CANDIDATE_SEGMENT = 0, 1, 2
 NUM_SEGMENTS = 3
 LENGTH_BUCKETS = (32, 64, 128, 256)
 CONFIG_FILE = 'rm_config.json'
+PARAMS_FILE = 'params.npz'  # An exported reward model's params (`export_reward_model`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,15 +419,18 @@ class RewardScorer:
 
 def load_reward_model(rm_dir: str, mesh=None,
                       tokenize: Callable[[str], list[int]] | None = None) -> RewardScorer:
-  """The `RewardScorer` of a `train_rm.train_reward_model` output dir.
+  """The `RewardScorer` of a `train_rm.train_reward_model` output dir, or of an exported one.
 
   Reads `rm_dir/rm_config.json` (model config, calibration, task) and restores the params of the
-  orbax checkpoint in `rm_dir/checkpoints`.
+  orbax checkpoint in `rm_dir/checkpoints`, or, in a dir written by `export_reward_model` (no
+  checkpoints/), loads `rm_dir/params.npz`. A relative `rm_dir` that does not exist is looked up
+  in the repository (shipped reward models, `checkpoints/...`).
 
   Raises:
-    FileNotFoundError: no `rm_config.json` or no checkpoint in `rm_dir`.
+    FileNotFoundError: no `rm_config.json`, or neither a checkpoint nor `params.npz`, in `rm_dir`.
   """
   from rest_jax import trainer as trainer_lib
+  rm_dir = trainer_lib.params_file_path(rm_dir)
   path = os.path.join(rm_dir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} missing: {rm_dir} holds no finished reward model '
@@ -435,6 +439,28 @@ def load_reward_model(rm_dir: str, mesh=None,
     saved = json.load(f)
   config = RewardModelConfig.from_json(saved['config'])
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
-  params = trainer_lib.restore_params(rm_dir, abstract_params(config, mesh))
+  npz = os.path.join(rm_dir, PARAMS_FILE)
+  if os.path.exists(npz) and not os.path.isdir(os.path.join(rm_dir, 'checkpoints')):
+    params = trainer_lib.load_params_npz(npz, abstract_params(config, mesh))
+  else:
+    params = trainer_lib.restore_params(rm_dir, abstract_params(config, mesh))
   return RewardScorer(config, params, saved.get('calibration'), task=saved.get('task'),
                       mesh=mesh, tokenize=tokenize)
+
+
+def export_reward_model(rm_dir: str, out_dir: str) -> str:
+  """Writes a trained reward model as two files to ship or share: `out_dir/rm_config.json` (a
+  copy: config, calibration, oracle, task) and `out_dir/params.npz` (float32, so the exported
+  model scores exactly as the original). `load_reward_model(out_dir)` and `rest.rm_dir` use it.
+
+  Returns: `out_dir`.
+  Raises: FileNotFoundError as `load_reward_model` (rm_dir is no finished reward model).
+  """
+  from rest_jax import trainer as trainer_lib
+  scorer = load_reward_model(rm_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(rm_dir, CONFIG_FILE)) as f:
+    saved = json.load(f)
+  trainer_lib.save_params_npz(os.path.join(out_dir, PARAMS_FILE), scorer.params, dtype=np.float32)
+  trainer_lib.write_json(os.path.join(out_dir, CONFIG_FILE), saved)
+  return out_dir
