@@ -242,9 +242,6 @@ def rest(workdir: str,
       repository) to use instead of training one on grow_1, e.g. the shipped
       'checkpoints/rm_small_libreoffice_de_en' (trained once on a larger Grow).
     retrain_rm: train a new reward model on every Grow (default: once, on grow_1).
-
-  Raises:
-    ValueError: `rm_dir` with `retrain_rm` or with a metric `reward`; too few thresholds.
     dev_examples, test_examples: first pairs of the dev / test split used for stage evaluation
       (None: all); Improve's early stopping uses the same dev pairs.
     best_of_n_examples: test sources for best-of-N reranking, on the stages `best_of_n_stages`
@@ -253,6 +250,10 @@ def rest(workdir: str,
       previous stage's (or BC's) while its test BLEU falls by more than this many points ...
     alarm_oracle_drop: ... or while its test oracle (mean sentence chrF+TER vs the reference,
       0-100) falls by more than this many points (`report.reward_hacking_alarms`; None: off).
+
+  Raises:
+    ValueError: `rm_dir` with `retrain_rm` or with a metric `reward`; fewer thresholds than
+      `num_improve_steps + 1`.
   """
   from rest_jax import train as train_lib
   from rest_jax.rewards import model as rm_model, scoring, train_rm

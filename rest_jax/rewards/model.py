@@ -457,6 +457,7 @@ def export_reward_model(rm_dir: str, out_dir: str) -> str:
   Raises: FileNotFoundError as `load_reward_model` (rm_dir is no finished reward model).
   """
   from rest_jax import trainer as trainer_lib
+  rm_dir = trainer_lib.params_file_path(rm_dir)
   scorer = load_reward_model(rm_dir)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(rm_dir, CONFIG_FILE)) as f:
