@@ -183,11 +183,11 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert _strip(_report(resumed)) == _strip(report)
 
   # A loop given the straight run's reward model as it is (rest.rm_dir): no rm/ of its own, its
-  # Grow scored by that model, so the same BC policy gets the same rewards as in the straight run.
+  # Grow scored by that model, so the same BC policy (the straight run's) gets the same rewards.
   shared = str(tmp_path / 'shared_rm')
   run(['rest', f'--workdir={shared}'] + TINY + [
-      f"--gin.rest.rm_dir='{straight}/rm'", '--gin.rest.num_improve_steps=0',
-      '--gin.rest.best_of_n_stages=()'])
+      f"--gin.rest.rm_dir='{straight}/rm'", f"--gin.rest.bc_policy_dir='{straight}/bc'",
+      '--gin.rest.num_improve_steps=0', '--gin.rest.best_of_n_stages=()'])
   assert not os.path.exists(os.path.join(shared, 'rm'))
   with open(os.path.join(shared, 'scored_1', 'settings.json')) as f:
     assert json.load(f)['settings']['rm_dir'] == os.path.join(straight, 'rm')
