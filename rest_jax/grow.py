@@ -468,8 +468,9 @@ def grow(output_dir: str,
                   source_every=source_every, num_sources=num_sources,
                   inputs_length=inputs_length, targets_length=targets_length,
                   process_count=P, model_config=repr(model.config))
+  this_seed = sample_seed(seed, grow_step)
   if grow_step > 1:  # (Grow 1's settings, and so its hash, are as they were before this key.)
-    settings['sample_seed'] = sample_seed(seed, grow_step)
+    settings['sample_seed'] = this_seed
   settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   _check_settings(output_dir, settings, settings_hash)
   manifest_path = os.path.join(output_dir, 'manifest.json')
@@ -517,7 +518,7 @@ def grow(output_dir: str,
     def progress(m):
       bar.update(m)
       bar.set_postfix(cand_s=f'{bar.n * num_decodes / (time.perf_counter() - start):,.1f}')
-    samples = sample_candidates(model, params, enc, rows, seed=sample_seed(seed, grow_step),
+    samples = sample_candidates(model, params, enc, rows, seed=this_seed,
                                 num_decodes=num_decodes,
                                 temperature=temperature, topk=topk, topp=topp,
                                 max_decode_len=max_decode_len,
