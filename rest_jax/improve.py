@@ -94,19 +94,59 @@ def records_to_arrays(records: Sequence[Mapping[str, Any]], inputs_length: int,
   return feats
 
 
+SELECTIONS = ('threshold', 'correct')
+
+
+def _is_reference(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+  return np.array([r.get('origin', 'sample') == 'reference' for r in records], bool)
+
+
+def selection_mask(records: Sequence[Mapping[str, Any]], tau: float, mode: str,
+                   origins: Sequence[str] = ORIGINS, selection: str = 'threshold',
+                   max_per_source: int | None = 10, seed: int = 0) -> np.ndarray:
+  """[n] bool: the records an Improve step trains on (see `select_training_data`).
+
+  Raises:
+    ValueError: an unknown origin or selection; a NaN reward, or a non-binary one with
+      'correct' (from `filtering`).
+  """
+  bad = set(origins) - set(ORIGINS)
+  if bad or not origins:
+    raise ValueError(f'origins must be a non-empty subset of {ORIGINS}, got {tuple(origins)}')
+  if selection not in SELECTIONS:
+    raise ValueError(f'unknown selection {selection!r}; use one of {SELECTIONS}')
+  rewards = np.array([r['reward'] for r in records], np.float32)
+  sources = np.array([r['source_index'] for r in records], np.int64)
+  is_ref = _is_reference(records)
+  allowed = np.ones(len(records), bool)
+  if 'reference' not in origins:
+    allowed &= ~is_ref
+  if 'sample' not in origins:
+    allowed &= is_ref
+  if selection == 'correct':
+    return filtering.select_correct(np.where(allowed, rewards, 0.0), sources, max_per_source,
+                                    seed=seed)
+  return filtering.filter_records(rewards, sources, tau, mode) & allowed
+
+
 def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode: str,
                          inputs_length: int, targets_length: int, batch_size: int,
-                         origins: Sequence[str] = ORIGINS
+                         origins: Sequence[str] = ORIGINS, selection: str = 'threshold',
+                         max_per_source: int | None = 10, seed: int = 0
                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The kept records of one Improve step as training arrays, and the filtering stats.
 
-  The threshold is applied to all records (references and samples together, as ReST's Grow
-  dataset holds both); `origins` then restricts training to records of those origins ('reference':
-  the original pairs, 'sample': the policy's Grow samples; a record without an `origin` field
-  counts as a sample). `origins=('reference',)` is the continued-supervised-training control of
-  `rest.compare_losses`. `source_baseline` (the mean reward of all of a source's records, before
-  filtering) is added for the losses that need an advantage. Fewer kept records than one batch
-  are tiled to fill it.
+  selection 'threshold' (ReST): the threshold is applied to all records (references and samples
+  together, as ReST's Grow dataset holds both); `origins` then restricts training to records of
+  those origins ('reference': the original pairs, 'sample': the policy's Grow samples; a record
+  without an `origin` field counts as a sample). `origins=('reference',)` is the
+  continued-supervised-training control of `rest.compare_losses`.
+  selection 'correct' (the ReST-EM E-step, Singh et al. 2023, sec. 3): of the records of
+  `origins`, those with reward exactly 1 (a binary verifier's reward), at most `max_per_source`
+  per source (`filtering.select_correct`, which ones drawn with `seed`); `tau` / `mode` unused.
+  Identical samples of a source are one record already (Grow de-duplicates them).
+  `source_baseline` (the mean reward of all of a source's records, before filtering) is added
+  for the losses that need an advantage. Fewer kept records than one batch are tiled to fill it.
 
   Returns:
     (arrays as `records_to_arrays` plus `source_baseline` [k] float32, stats: `filter_stats`
@@ -114,24 +154,21 @@ def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode:
   Raises:
     ValueError: no record passes the threshold, a NaN reward (from `filtering`), an unknown origin.
   """
-  bad = set(origins) - set(ORIGINS)
-  if bad or not origins:
-    raise ValueError(f'origins must be a non-empty subset of {ORIGINS}, got {tuple(origins)}')
   arrays = records_to_arrays(records, inputs_length, targets_length)
   rewards, sources = arrays['reward'], arrays['source_index']
-  is_ref = np.array([r.get('origin', 'sample') == 'reference' for r in records], bool)
-  keep = filtering.filter_records(rewards, sources, tau, mode)
-  if 'reference' not in origins:
-    keep &= ~is_ref
-  if 'sample' not in origins:
-    keep &= is_ref
+  is_ref = _is_reference(records)
+  keep = selection_mask(records, tau, mode, origins, selection, max_per_source, seed)
   stats = filtering.filter_stats(keep, sources)
-  stats.update(tau=float(tau), mode=mode, origins=list(origins),
+  stats.update(tau=float(tau), mode=mode, origins=list(origins), selection=selection,
+               max_per_source=max_per_source if selection == 'correct' else None,
                kept_references=int((keep & is_ref).sum()),
                kept_samples=int((keep & ~is_ref).sum()),
                mean_reward_kept=float(rewards[keep].mean()) if keep.any() else float('nan'),
                mean_reward_all=float(rewards.mean()))
   if not keep.any():
+    if selection == 'correct':
+      raise ValueError(f'no record of origin {tuple(origins)} is correct (reward 1) among '
+                       f'{len(records)}: the policy solved no problem; sample more per problem')
     raise ValueError(f'no record of origin {tuple(origins)} has reward > tau = {tau} ({mode}); '
                      f'max reward {float(rewards.max()):.4f}: lower the threshold')
   arrays['source_baseline'] = filtering.source_baselines(rewards, sources)
@@ -143,10 +180,13 @@ def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode:
 
 
 def dev_reward(model, params, dev: input_pipeline.TaskData, scorer, detokenize: Callable,
-               max_decode_len: int = 128, batch_size: int = 64) -> dict[str, float]:
-  """Greedy translations of `dev`: mean learned-RM reward (0-100), sacreBLEU and chrF."""
+               max_decode_len: int = 128, batch_size: int = 64,
+               decode_length_ratio: float | None = 2.0) -> dict[str, float]:
+  """Greedy outputs for `dev`: mean reward of `scorer` (0-100; with a verifier: pass@1 in
+  percent), sacreBLEU and chrF against the references."""
   ids = evaluation.predict_ids(model, params, dev.arrays['encoder_input_tokens'],
-                               batch_size=batch_size, max_decode_len=max_decode_len)
+                               batch_size=batch_size, max_decode_len=max_decode_len,
+                               decode_length_ratio=decode_length_ratio)
   src = [r[:int(n)] for r, n in zip(dev.arrays['encoder_input_tokens'],
                                     data_lib.lengths(dev.arrays['encoder_input_tokens']))]
   reward = scorer.score_ids([list(map(int, s)) for s in src], ids, references=dev.targets)
@@ -174,9 +214,12 @@ def improve(model_dir: str,
             patience: int = 2,
             dev_examples: int = 200,
             max_decode_len: int = 128,
+            decode_length_ratio: float | None = 2.0,
             kl_anneal: tuple[float, float] = (1.0, 1e-5),
             seed: int = 0,
             origins: Sequence[str] = ORIGINS,
+            selection: str = 'threshold',
+            max_per_source: int | None = 10,
             records: Sequence[Mapping[str, Any]] | None = None,
             scorer=None,
             initial_dev: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -202,6 +245,10 @@ def improve(model_dir: str,
     seed: data order and dropout seed.
     origins: the origins of the kept records that are trained on (`select_training_data`);
       ('reference',) trains on the kept original pairs only (a control, not ReST).
+    selection: 'threshold' (ReST: reward > tau) or 'correct' (ReST-EM: reward 1, at most
+      `max_per_source` per source; `select_training_data`).
+    max_decode_len, decode_length_ratio: the dev decoding bound (`data.decode_length`; None:
+      max_decode_len tokens for every source, as worked solutions need).
     records, scorer: in-memory scored records and reward scorer; default: read `scored_dir`,
       load `rm_dir`.
     initial_dev: the starting policy's dev metrics ('reward', 'bleu', 'chrf' on the same dev
@@ -232,7 +279,8 @@ def improve(model_dir: str,
     from rest_jax.rewards import model as rm_model
     scorer = rm_model.load_reward_model(rm_dir)
   arrays, stats = select_training_data(records, tau, threshold_mode, inputs_length,
-                                       targets_length, batch_size, origins)
+                                       targets_length, batch_size, origins, selection,
+                                       max_per_source, seed)
   logging.info('improve: tau %.2f (%s) keeps %d of %d records (%d references, %d samples), '
                '%d of %d sources', tau, threshold_mode, stats['kept_records'],
                stats['total_records'], stats['kept_references'], stats['kept_samples'],
@@ -273,7 +321,8 @@ def improve(model_dir: str,
 
   def evaluate(s, known=None):
     m = dict(known) if known else dev_reward(model, s.params['policy'], dev, scorer, detok,
-                                             max_decode_len)
+                                             max_decode_len,
+                                             decode_length_ratio=decode_length_ratio)
     is_best = ckpt.save_best(policy_view(s), {'dev_reward': m['reward'], 'dev_bleu': m['bleu'],
                                               'dev_chrf': m['chrf']})
     entry = dict(m, step=int(jax.device_get(s.step)), train_seconds=train_seconds, best=is_best)
@@ -316,6 +365,7 @@ def improve(model_dir: str,
     evaluate(state)
   best = max(history, key=lambda e: e['reward'])
   summary = dict(history=history, filter=stats, loss=loss, tau=float(tau), origins=list(origins),
+                 selection=selection,
                  threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
                  best_dev_reward=best['reward'], best_step=best['step'],
                  stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),

@@ -156,10 +156,17 @@ def load_task_data(task_name: str, split: str, inputs_length: int, targets_lengt
 
 def cached_task_data(task_name: str, split: str, inputs_length: int, targets_length: int,
                      cache_dir: str | None, max_examples: int | None = None) -> TaskData:
-  """`load_task_data`, memoised as an `.npz` in `cache_dir` (None: no cache)."""
+  """`load_task_data`, memoised as an `.npz` in `cache_dir` (None: no cache).
+
+  The file name holds the task's data fingerprint (`tasks.data_fingerprint`: e.g. a hash of a
+  generated task's settings), so data made with other generator settings is never served.
+  """
   if not cache_dir:
     return load_task_data(task_name, split, inputs_length, targets_length, max_examples)
-  name = f'{task_name}.{split}.{inputs_length}x{targets_length}.{max_examples or "all"}.npz'
+  import tasks
+  fingerprint = tasks.data_fingerprint(task_name)
+  name = (f'{task_name}{"." + fingerprint if fingerprint else ""}.{split}.'
+          f'{inputs_length}x{targets_length}.{max_examples or "all"}.npz')
   path = os.path.join(cache_dir, name)
   if os.path.exists(path):
     z = np.load(path, allow_pickle=False)

@@ -6,6 +6,7 @@
     rest-jax improve --gin_file=gin_configs/runs/improve.gin --gin.improve.scored_dir=... \
         --gin.improve.init_policy_dir=... --gin.improve.rm_dir=... [--model_dir=DIR]
     rest-jax rest  --gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin [--workdir=DIR]
+    rest-jax rest-em --gin_file=gin_configs/runs/rest_em_arithmetic_cpu.gin [--workdir=DIR]
 
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
@@ -39,7 +40,7 @@ def register_gin_configurables() -> None:
   from rest_jax import train  # noqa: F401  (train, evaluate, make_optimizer, create_mesh)
   from rest_jax import grow  # noqa: F401  (grow)
   from rest_jax.rewards import check, model, scoring, train_rm  # noqa: F401  (reward side)
-  from rest_jax import filtering, improve, losses, rest  # noqa: F401  (the ReST loop)
+  from rest_jax import filtering, improve, losses, rest, rest_em  # noqa: F401  (the loops)
   from rest_jax.models import encoder_decoder, transformer
   gin.external_configurable(transformer.TransformerConfig, 'TransformerConfig', module='models')
   gin.external_configurable(transformer.Transformer, 'Transformer', module='models')
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest',
+  parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'rest-em',
                                           'compare_losses', 'train_rm', 'score', 'rm-check'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   elif args.command == 'rest':
     from rest_jax import rest as rest_lib
     rest_lib.rest(args.workdir)
+  elif args.command == 'rest-em':
+    from rest_jax import rest_em as rest_em_lib
+    rest_em_lib.rest_em(args.workdir)
   elif args.command == 'compare_losses':
     from rest_jax import rest as rest_lib
     rest_lib.compare_losses(args.workdir)

@@ -229,3 +229,113 @@ def write_report(workdir: str, report: dict) -> None:
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(markdown(report))
   print(markdown(report))
+
+
+# -- ReST-EM ------------------------------------------------------------------------------------
+
+EM_CONTROL_NAMES = {'sft_same_data': '(a) gold solutions of the same problems',
+                    'unfiltered': '(b) every E-step sample, unverified',
+                    'more_sft': '(c) more SFT on the gold set'}
+
+
+def _row_em(name: str, r: dict, sampled: str, ks: Sequence[str], iteration=None) -> str:
+  p = lambda key: fmt(r.get(key), '.1f')
+  return (f"| {name} | {fmt(r.get('num_train_solutions'))} | {fmt(r.get('num_problems_solved'))} "
+          f"| {p('dev_pass1')} | {p('test_pass1')} | {p('test_hard_pass1')} | {p('pool_pass1')} "
+          + ''.join(f"| {fmt(r.get(f'{sampled}_pass_at_k', {}).get(k), '.1f')} " for k in ks)
+          + ''.join(f"| {fmt(r.get(f'{sampled}_maj_at_k', {}).get(k), '.1f')} " for k in ks)
+          + f"| {fmt(r.get('minutes', r.get('mstep_minutes')), '.1f')} |")
+
+
+def rest_em_markdown(report: dict) -> str:
+  """`report.md` of `rest_em.rest_em`: the iteration table, controls, per-bucket accuracy and the
+  verifier's reasons; accuracies in percent."""
+  its, sampled = report['iterations'], report.get('sampled_split') or 'test'
+  ks = sorted(its[0].get(f'{sampled}_pass_at_k', {}), key=int)
+  head = ('| | train solutions | problems solved | dev pass@1 | test pass@1 | test_hard pass@1 '
+          '| pool pass@1 | ' + ''.join(f'pass@{k} | ' for k in ks)
+          + ''.join(f'maj@{k} | ' for k in ks) + 'minutes |')
+  sep = '|' + '---|' * (head.count('|') - 1)
+  lines = ['# ReST-EM report', '',
+           f"Task `{report['task']}`, reward `{report['reward']}` (binary), at most "
+           f"{report['max_per_problem']} correct samples per problem, M-step from the "
+           f"{'base model' if report['m_step_init'] == 'base' else 'previous iterate'}. pass@1: "
+           f'greedy; pass@k (unbiased estimator) and maj@k: {sampled}, '
+           f"{its[0].get(f'{sampled}_samples_per_problem')} samples per problem. Best iteration "
+           f"on dev: **{report['best_iteration']}**. Settings: "
+           + ', '.join(f'`{k}={v}`' for k, v in report.get('settings', {}).items()) + '.', '',
+           head, sep]
+  lines += [_row_em('base' if it['iteration'] == 0 else f"iteration {it['iteration']}", it,
+                    sampled, ks) for it in its]
+  if report['controls']:
+    lines += ['', 'Controls: M-steps from the base model with the settings of iteration 1\'s '
+              '(problems solved: distinct problems trained on).', '', head, sep]
+    lines += [_row_em(EM_CONTROL_NAMES.get(n, n), dict(c, num_problems_solved=c['num_problems']),
+                      sampled, ks) for n, c in report['controls'].items()]
+  buckets = sorted({b for it in its for b in it.get(f'{sampled}_buckets', {})})
+  if buckets:
+    lines += ['', f'Greedy accuracy per bucket ({sampled}; tTdD: T terms of D digits):', '',
+              '| | ' + ' | '.join(buckets) + ' |', '|---|' + '---|' * len(buckets)]
+    for it in its:
+      b = it.get(f'{sampled}_buckets', {})
+      lines.append(f"| {it['name']} | " + ' | '.join(fmt(b.get(k), '.1f') for k in buckets) + ' |')
+  reasons = sorted({k for it in its for k in it.get(f'{sampled}_reasons', {})})
+  lines += ['', f'Verdicts of the greedy {sampled} outputs:', '',
+            '| | ' + ' | '.join(reasons) + ' |', '|---|' + '---|' * len(reasons)]
+  for it in its:
+    r = it.get(f'{sampled}_reasons', {})
+    lines.append(f"| {it['name']} | " + ' | '.join(fmt(r.get(k)) for k in reasons) + ' |')
+  lines += ['', 'Verdicts of the E-step samples:', '',
+            '| E-step | ' + ' | '.join(reasons) + ' |', '|---|' + '---|' * len(reasons)]
+  for i, r in report['verifier'].items():
+    lines.append(f'| {i} | ' + ' | '.join(fmt(r.get(k)) for k in reasons) + ' |')
+  lines += ['', f"Total minutes (stages + evaluation): {report['minutes_total']:.1f}", '']
+  return '\n'.join(lines)
+
+
+def rest_em_plots(workdir: str, report: dict) -> list[str]:
+  """PNGs in `workdir/plots/`: greedy pass@1 per iteration (test, test_hard, pool, dev; the
+  controls as dashed lines) and pass@k curves per iteration. Returns the paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  out_dir = os.path.join(workdir, 'plots')
+  os.makedirs(out_dir, exist_ok=True)
+  its, sampled = report['iterations'], report.get('sampled_split') or 'test'
+  x = [it['iteration'] for it in its]
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for split in ('dev', 'test', 'test_hard', 'pool'):
+    if f'{split}_pass1' in its[0]:
+      ax.plot(x, [it[f'{split}_pass1'] for it in its], marker='o', label=split)
+  for name, c in report['controls'].items():
+    ax.axhline(c[f'{sampled}_pass1'], ls='--', lw=1, color='gray')
+    ax.text(x[-1], c[f'{sampled}_pass1'], f' {name}', fontsize=7, va='bottom', ha='right')
+  ax.set_xticks(x)
+  ax.set_xlabel('EM iteration (0 = base model)')
+  ax.set_ylabel('greedy pass@1 (%)')
+  ax.set_title('ReST-EM: pass@1 per iteration')
+  ax.legend(fontsize=8)
+  paths = [_save(fig, out_dir, 'pass1_per_iteration.png')]
+  key = f'{sampled}_pass_at_k'
+  if key in its[0]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for it in its:
+      ks = sorted(it[key], key=int)
+      ax.plot([int(k) for k in ks], [it[key][k] for k in ks], marker='o', label=it['name'])
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('k')
+    ax.set_ylabel(f'{sampled} pass@k (%)')
+    ax.set_title('pass@k per iteration')
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir, 'pass_at_k.png'))
+  return paths
+
+
+def write_rest_em_report(workdir: str, report: dict) -> None:
+  """Writes ReST-EM's `report.json`, `report.md` and plots into `workdir`, and prints the md."""
+  report['plots'] = [os.path.relpath(p, workdir) for p in rest_em_plots(workdir, report)]
+  trainer_lib.write_json(os.path.join(workdir, 'report.json'), report)
+  text = rest_em_markdown(report)
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(text)
+  print(text)

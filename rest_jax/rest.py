@@ -99,12 +99,20 @@ def write_translations(path: str, data: input_pipeline.TaskData, translations: S
   [0, 1] (the loop's reward: the learned RM's normalised score, or the metric) and its oracle
   reward in [0, 1] (`evaluate_policy.oracle` against the reference). Written to a temporary file
   and renamed (no partial file)."""
+  rows = []
+  for row in zip(data.keys, data.inputs, data.targets, translations, rewards, oracle):
+    rows.append(dict(zip(TRANSLATION_FIELDS, row[:4] + tuple(round(float(v), 6)
+                                                              for v in row[4:]))))
+  write_jsonl(path, rows)
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  """One JSON object a line (UTF-8, not ASCII-escaped), written to a temporary file and renamed
+  (no partial file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in zip(data.keys, data.inputs, data.targets, translations, rewards, oracle):
-      scores = tuple(round(float(v), 6) for v in row[4:])
-      f.write(json.dumps(dict(zip(TRANSLATION_FIELDS, row[:4] + scores)), ensure_ascii=False)
-              + '\n')
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
   os.replace(path + '.tmp', path)
 
 

@@ -50,6 +50,8 @@ def train(model_dir: str,
           test_examples: int | None = None,
           checkpoint_every_steps: int = 1000,
           max_decode_len: int = 128,
+          decode_length_ratio: float | None = 2.0,
+          dev_metric: str = 'bleu',
           num_microbatches: int = 1,
           seed: int = 0,
           max_train_examples: int | None = None,
@@ -72,6 +74,11 @@ def train(model_dir: str,
     test_examples: evaluate only the first test pairs at those marks (None: the whole split).
     checkpoint_every_steps: latest-state checkpoint period (for resume).
     max_decode_len: decoding length for evaluation (tokens).
+    decode_length_ratio: dev decoding stops after `data.decode_length(bucket, max_decode_len,
+      ratio)` tokens (None: max_decode_len; worked solutions are longer than their problems).
+    dev_metric: what selects the best checkpoint: 'bleu' (dev sacreBLEU, translation) or a
+      verifier reward ('verifier', 'verifier_steps'; `rewards.verifiers`): dev greedy pass@1 in
+      percent, `dev_pass1` (problem solving: the ReST-EM base model).
     num_microbatches: gradient accumulation factor.
     seed: run seed (init, data order, dropout).
     max_train_examples: train on the first pairs of the split only (None: all).
@@ -111,7 +118,12 @@ def train(model_dir: str,
     else:
       init_params = trainer_lib.restore_params(init_params_dir, abstract)
   state = t.init_state(shapes, params=init_params)
-  ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_bleu')
+  verifier = None
+  if dev_metric != 'bleu':
+    from rest_jax.rewards import verifiers
+    verifier = verifiers.make_scorer(dev_metric, detok)
+  ckpt = trainer_lib.Checkpointer(model_dir,
+                                  best_metric='dev_bleu' if verifier is None else 'dev_pass1')
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
@@ -130,12 +142,23 @@ def train(model_dir: str,
   train_seconds = summary['train_seconds']
   bar = tqdm(total=num_steps, initial=start_step, desc='train', unit='step',
              dynamic_ncols=True, mininterval=2.0)
-  tokens_since, clock = 0.0, time.perf_counter()
+  clock = time.perf_counter()
   metrics = {}
 
   def dev_eval(step):
+    if verifier is not None:
+      ids = evaluation.predict_ids(model, state.params, dev.arrays['encoder_input_tokens'],
+                                   max_decode_len=max_decode_len,
+                                   decode_length_ratio=decode_length_ratio)
+      pass1 = 100.0 * float(np.mean(verifier.score_ids(None, ids, references=dev.targets)))
+      is_best = ckpt.save_best(state, {'dev_pass1': pass1})
+      tqdm.write(f'[train step {step}] dev pass@1 {pass1:.2f}' + ' (best)' * is_best)
+      if writer:
+        writer.write_scalars(step, {'dev/pass1': pass1})
+      return {'pass1': pass1}
     m, _ = evaluation.evaluate_translation(model, state.params, dev, detok,
-                                           max_decode_len=max_decode_len)
+                                           max_decode_len=max_decode_len,
+                                           decode_length_ratio=decode_length_ratio)
     is_best = ckpt.save_best(state, {'dev_bleu': m['bleu'], 'dev_chrf': m['chrf']})
     logging.info('step %d dev %s%s', step, evaluation.format_metrics(m), ' (best)' * is_best)
     if writer:
@@ -149,8 +172,6 @@ def train(model_dir: str,
     batch = partitioning.shard_batch(batcher.batch_at(step), mesh)
     state, metrics = t.train_step(state, batch)
     step += 1
-    tokens_since += float(batch['decoder_loss_weights'].shape[0] *
-                          batch['decoder_loss_weights'].shape[1])
     if step % 20 == 0 or step == num_steps:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()

@@ -158,3 +158,40 @@ def test_improve_training_data_by_origin():
     select(('human',))
   with pytest.raises(ValueError, match='no record'):
     select(('sample',), tau=0.95)  # Above its source's p95: only source 7's top, a reference.
+
+
+def test_improve_correct_selection_for_rest_em():
+  """ReST-EM's M-step data: correct samples only (never the gold reference records), at most K
+  per problem, the same K as `filtering.select_correct` draws with the same seed."""
+  from rest_jax import improve
+  #  problem 0: reference + 4 correct samples + 1 wrong; problem 1: reference + 1 wrong;
+  #  problem 2: reference + 2 correct samples.
+  spec = [(0, 'reference', 1), (0, 'sample', 1), (0, 'sample', 1), (0, 'sample', 0),
+          (0, 'sample', 1), (0, 'sample', 1), (1, 'reference', 1), (1, 'sample', 0),
+          (2, 'reference', 1), (2, 'sample', 1), (2, 'sample', 1)]
+  records = [dict(source_ids=[5, 1], candidate_ids=[10 + i, 1], reward=float(r), source_index=s,
+                  origin=o) for i, (s, o, r) in enumerate(spec)]
+  select = lambda k, seed=0: improve.select_training_data(
+      records, 0.0, 'absolute', 4, 4, batch_size=1, origins=('sample',), selection='correct',
+      max_per_source=k, seed=seed)
+  arrays, stats = select(None)
+  assert arrays['decoder_target_tokens'][:, 0].tolist() == [11, 12, 14, 15, 19, 20]
+  assert (stats['kept_references'], stats['kept_samples'], stats['distinct_sources']) == (0, 6, 2)
+  arrays, stats = select(2)
+  kept = arrays['decoder_target_tokens'][:, 0] - 10
+  assert stats['kept_records'] == 4 and sorted(kept)[-2:] == [9, 10]  # Problem 2's both.
+  assert set(kept[:2]) <= {1, 2, 4, 5} and len(set(kept[:2])) == 2
+  mask = improve.selection_mask(records, 0.0, 'absolute', ('sample',), 'correct', 2, seed=0)
+  expected = filtering.select_correct(
+      np.where([o == 'sample' for _, o, _ in spec], [r for *_, r in spec], 0), [s for s, *_ in spec],
+      2, seed=0)
+  np.testing.assert_array_equal(mask, expected)
+  assert np.flatnonzero(mask).tolist() == sorted((kept).tolist())
+  with pytest.raises(ValueError, match='binary'):
+    improve.select_training_data([dict(records[1], reward=0.5)], 0.0, 'absolute', 4, 4, 1,
+                                 ('sample',), 'correct')
+  with pytest.raises(ValueError, match='no record .* is correct'):
+    improve.select_training_data([records[3], records[7]], 0.0, 'absolute', 4, 4, 1,
+                                 ('sample',), 'correct')
+  with pytest.raises(ValueError, match='selection'):
+    improve.select_training_data(records, 0.0, 'absolute', 4, 4, 1, ('sample',), 'best')

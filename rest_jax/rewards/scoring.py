@@ -7,8 +7,10 @@ must exist) this writes `scored-KKKKK-of-KKKKK.tfrecord`: every Grow field uncha
 `grow.RECORD_FIELDS`) plus float fields
 
   * `reward`: what Improve filters on, in [0, 1]: the reward model's calibrated score
-    (`model.RewardScorer.score_ids`) for `reward='rm'`, else the named metric;
-  * `reward_raw`: the reward model's raw score (= `reward` for a metric);
+    (`model.RewardScorer.score_ids`) for `reward='rm'`, the binary verdict (exactly 0.0 or 1.0)
+    of `verifiers.verify` against the reference's final answer for a verifier reward
+    (`verifiers.VERIFIER_REWARDS`: 'verifier', 'verifier_steps'; ReST-EM), else the named metric;
+  * `reward_raw`: the reward model's raw score (= `reward` for a metric or a verifier);
   * one field per metric of `metrics` ('bleu', 'chrf', 'ter'; `metrics.sentence_rewards` of the
     candidate against the reference, in [0, 1]).
 
@@ -17,7 +19,8 @@ renamed, then marked done by `scored-KKKKK.done` (JSON: counts and histograms of
 rerun skips marked chunks and redoes the others, so a killed run resumes to byte-identical files.
 `settings.json` (written first) pins the settings, `manifest.json` (written last) marks the
 scoring complete and holds counts, mean rewards and 20-bin histograms over [0, 1] of the reward
-and of every metric, split by origin ('reference' / 'sample').
+and of every metric, split by origin ('reference' / 'sample'), and, for a verifier reward, the
+verdicts' reasons per origin (`verifiers.REASONS`: correct, wrong answer, no `####`, ...).
 
 A NaN or infinite score raises ValueError naming the chunk file, the record index and key; nothing
 of that chunk is written.
@@ -39,7 +42,9 @@ from tqdm import tqdm
 
 from rest_jax import grow as grow_lib
 from rest_jax import trainer as trainer_lib
+from rest_jax.models.transformer import EOS_ID
 from rest_jax.rewards import metrics as metrics_lib
+from rest_jax.rewards import verifiers
 
 NUM_BINS = 20
 ORIGINS = ('reference', 'sample')
@@ -86,6 +91,8 @@ def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -
     out[origin] = {'count': len(rs),
                    'sum': {f: float(sum(r[f] for r in rs)) for f in fields},
                    'histogram': {f: histogram([r[f] for r in rs]) for f in fields}}
+    if rs and 'reason' in rs[0]:  # A verifier reward: the verdicts' reasons.
+      out[origin]['reasons'] = {k: sum(r['reason'] == k for r in rs) for k in verifiers.REASONS}
   return out
 
 
@@ -102,17 +109,32 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
   """The records with `reward`, `reward_raw` and one field per metric added (all float).
 
   Args:
-    records: Grow records. reward: 'rm' (needs `scorer`, a `model.RewardScorer`) or a metric.
+    records: Grow records. reward: 'rm' (needs `scorer`, a `model.RewardScorer`), a verifier
+      reward (`verifiers.VERIFIER_REWARDS`; a candidate whose ids do not end with EOS hit the
+      length limit and is 'truncated': reward 0) or a metric.
     where: names the records in errors (e.g. the chunk file).
+
+  Returns:
+    The records with the float fields added and, for a verifier reward, `reason` (str, one of
+    `verifiers.REASONS`; counted in the chunk markers, not written to the TFRecords).
 
   Raises:
     ValueError: a NaN or infinite value (names `where`, the record index and key).
   """
   cands = [r['candidate'] for r in records]
   refs = [r['reference'] for r in records]
-  names = list(dict.fromkeys(list(metrics) + ([reward] if reward != 'rm' else [])))
-  values = metrics_lib.sentence_rewards(cands, refs, names)
-  if reward == 'rm':
+  is_metric = reward != 'rm' and reward not in verifiers.VERIFIER_REWARDS
+  names = list(dict.fromkeys(list(metrics) + ([reward] if is_metric else [])))
+  values = metrics_lib.sentence_rewards(cands, refs, names) if names else {}
+  reasons = None
+  if reward in verifiers.VERIFIER_REWARDS:
+    verdicts = [verifiers.verify(r['candidate'], r['reference'],
+                                 truncated=not r['candidate_ids'] or r['candidate_ids'][-1] != EOS_ID,
+                                 check_steps=verifiers.VERIFIER_REWARDS[reward])
+                for r in records]
+    values['reward_raw'] = values['reward'] = np.array([v.reward for v in verdicts], np.float32)
+    reasons = [v.reason for v in verdicts]
+  elif reward == 'rm':
     raw = np.asarray(scorer.raw_scores([r['source_ids'] for r in records],
                                        [r['candidate_ids'] for r in records], batch_size),
                      np.float32)
@@ -126,7 +148,11 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
       i = int(bad[0])
       raise ValueError(f'{where}: record {i} (key {records[i]["key"]!r}) has a non-finite {f} '
                        f'= {values[f][i]} ({len(bad)} such records); nothing of it was written')
-  return [dict(r, **{f: float(values[f][i]) for f in fields}) for i, r in enumerate(records)]
+  out = [dict(r, **{f: float(values[f][i]) for f in fields}) for i, r in enumerate(records)]
+  if reasons is not None:
+    for r, reason in zip(out, reasons):
+      r['reason'] = reason
+  return out
 
 
 @gin.configurable(denylist=['output_dir', 'scorer', '_stop_after_chunks'])
@@ -147,9 +173,12 @@ def score(output_dir: str,
     grow_dir: a finished Grow (its manifest.json exists).
     rm_dir: a `train_rm` output dir (`reward='rm'`).
     task: unused by the scores themselves (the RM scores ids); recorded in the settings.
-    reward: 'rm' for the learned reward model, or a metric name ('bleu', 'chrf', 'ter') to use
-      that metric as the reward (e.g. when no reward model exists).
-    metrics: metric fields to add to every record.
+    reward: 'rm' for the learned reward model, a verifier ('verifier': the final answer after
+      `####` equals the reference's; 'verifier_steps': and every step `a op b = c` is right;
+      ReST-EM's binary reward), or a metric name ('bleu', 'chrf', 'ter') to use that metric as
+      the reward (e.g. when no reward model exists).
+    metrics: metric fields to add to every record (() for problem solving: sentence metrics
+      of a worked solution mean nothing).
     batch_size: reward-model rows per forward pass (not a setting: it does not change scores
       beyond float rounding).
     scorer: a `RewardScorer` to use instead of loading `rm_dir` (tests).
@@ -171,7 +200,7 @@ def score(output_dir: str,
     raise FileNotFoundError(f'{grow_manifest_path} missing: the Grow in {grow_dir} is unfinished')
   with open(grow_manifest_path) as f:
     grow_manifest = json.load(f)
-  if reward != 'rm':
+  if reward != 'rm' and reward not in verifiers.VERIFIER_REWARDS:
     metrics_lib.components(reward)  # Raises on an unknown metric ('rm' is the learned model).
   for m in metrics:
     metrics_lib.components(m)
@@ -228,6 +257,7 @@ def score(output_dir: str,
   total = 0
   by_origin = {o: {'count': 0, 'sum': {f: 0.0 for f in fields},
                    'histogram': {f: [0] * NUM_BINS for f in fields}} for o in ORIGINS}
+  reasons = {o: dict.fromkeys(verifiers.REASONS, 0) for o in ORIGINS}
   for k in range(K):
     with open(_marker(output_dir, k)) as f:
       c = json.load(f)
@@ -238,6 +268,8 @@ def score(output_dir: str,
       for f in fields:
         dst['sum'][f] += src['sum'][f]
         dst['histogram'][f] = [a + b for a, b in zip(dst['histogram'][f], src['histogram'][f])]
+      for reason, n in src.get('reasons', {}).items():
+        reasons[o][reason] += n
   manifest = dict(
       grow_dir=settings['grow_dir'], reward=reward, settings=settings,
       settings_hash=settings_hash,
@@ -249,6 +281,8 @@ def score(output_dir: str,
       histograms={o: by_origin[o]['histogram'] for o in ORIGINS},
       bin_edges=np.linspace(0.0, 1.0, NUM_BINS + 1).tolist(),
       chunks_resumed=K - len(todo), wall_seconds=time.perf_counter() - start)
+  if reward in verifiers.VERIFIER_REWARDS:
+    manifest['reasons'] = reasons
   trainer_lib.write_json(manifest_path, manifest)
   logging.info('score: %d records; mean reward: reference %.3f, sample %.3f', total,
                manifest['mean_reward']['reference'], manifest['mean_reward']['sample'])

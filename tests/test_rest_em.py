@@ -1,0 +1,132 @@
+"""The ReST-EM loop end to end (`rest-jax rest-em`) on `arithmetic_chain` with the shipped base
+model: E-step -> verifier -> M-step from the base model (x2), evaluation, the three controls,
+report; then the same loop killed right after its first E-step and resumed: the same report.
+"""
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from rest_jax import grow as grow_lib, main as main_lib, rest_em
+from rest_jax.rewards import scoring, verifiers
+
+TINY = [
+    '--gin_file=gin_configs/runs/rest_em_arithmetic_cpu.gin',
+    '--gin.rest_em.num_iterations=2', '--gin.rest_em.dev_examples=16',
+    '--gin.rest_em.test_examples=16', '--gin.rest_em.pool_eval_examples=8',
+    '--gin.evaluate_solver.num_samples=4', '--gin.evaluate_solver.ks=(1, 2, 4)',
+    '--gin.grow.max_sources=16', '--gin.grow.num_decodes=4', '--gin.grow.chunk_size=8',
+    '--gin.grow.batch_size=8',
+    '--gin.improve.num_steps=4', '--gin.improve.eval_every_steps=2', '--gin.improve.batch_size=8',
+]
+TIMING_KEYS = ('minutes', 'eval_minutes', 'estep_minutes', 'score_minutes', 'mstep_minutes',
+               'minutes_this_invocation', 'minutes_total')
+
+
+def run(args):
+  gin.clear_config()
+  main_lib.main(args)
+
+
+def _strip(obj):
+  if isinstance(obj, dict):
+    return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
+  if isinstance(obj, list):
+    return [_strip(v) for v in obj]
+  return obj
+
+
+def _report(workdir):
+  with open(os.path.join(workdir, 'report.json')) as f:
+    return json.load(f)
+
+
+def test_bucket_of():
+  assert rest_em.bucket_of('arithmetic_chain/test/00012/t3d2') == 't3d2'
+  assert rest_em.bucket_of('gsm8k/test/17') is None
+
+
+def test_rest_em_loop_end_to_end_and_resume(tmp_path, monkeypatch):
+  straight = str(tmp_path / 'straight')
+  run(['rest-em', f'--workdir={straight}'] + TINY)
+  report = _report(straight)
+  its = report['iterations']
+  assert [it['iteration'] for it in its] == [0, 1, 2]
+  assert set(report['controls']) == {'sft_same_data', 'unfiltered', 'more_sft'}
+  for it in its + list(report['controls'].values()):
+    for key in ('dev_pass1', 'test_pass1', 'test_hard_pass1', 'pool_pass1'):
+      assert 0.0 <= it[key] <= 100.0
+    assert set(it['test_pass_at_k']) == {'1', '2', '4'}
+    p = [it['test_pass_at_k'][k] for k in ('1', '2', '4')]
+    assert p[0] <= p[1] <= p[2]                        # pass@k never falls with k.
+    assert sum(it['test_reasons'][r] for r in verifiers.REASONS) == 16
+  # The greedy outputs written per split reproduce the reported pass@1.
+  for it in its:
+    with open(os.path.join(straight, 'eval', it['name'], 'test_outputs.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    assert len(rows) == 16 and np.isclose(100 * np.mean([r['reward'] for r in rows]),
+                                          it['test_pass1'])
+  # E-step 1 sampled from the base model; every M-step started from the base model: its step-0
+  # dev pass@1 is the base model's own.
+  with open(os.path.join(straight, 'estep_1', 'settings.json')) as f:
+    assert json.load(f)['settings']['policy_dir'] == os.path.join(straight, 'base')
+  with open(os.path.join(straight, 'estep_2', 'settings.json')) as f:
+    assert json.load(f)['settings']['policy_dir'] == os.path.join(straight, 'mstep_1')
+  for i in (1, 2):
+    with open(os.path.join(straight, f'mstep_{i}', 'improve_summary.json')) as f:
+      s = json.load(f)
+    assert s['init_policy_dir'] == os.path.join(straight, 'base')
+    assert s['history'][0]['step'] == 0 and s['history'][0]['reward'] == its[0]['dev_pass1']
+    assert s['selection'] == 'correct' and s['loss'] == 'reward_weighted_nll'
+  # The M-step trained on correct samples only, at most K per problem; no gold solution.
+  records = scoring.read_scored_records(os.path.join(straight, 'scored_1'))
+  keep = rest_em.correct_selection(records, 10, 0)
+  assert keep.sum() == its[1]['num_train_solutions'] > 0
+  assert all(records[i]['origin'] == 'sample' and records[i]['reward'] == 1.0
+             for i in np.flatnonzero(keep))
+  # Control (a) trains on as many gold solutions of the same problems.
+  assert report['controls']['sft_same_data']['num_train_solutions'] == its[1]['num_train_solutions']
+  unfiltered = sum(r['origin'] == 'sample' for r in records)
+  assert report['controls']['unfiltered']['num_train_solutions'] == unfiltered
+  best = max(its, key=lambda it: it['dev_pass1'])
+  assert report['best_iteration'] == best['iteration']
+  assert sorted(report['plots']) == ['plots/pass1_per_iteration.png', 'plots/pass_at_k.png']
+  with open(os.path.join(straight, 'report.md')) as f:
+    text = f.read()
+  assert '| iteration 2 |' in text and '(a) gold solutions of the same problems' in text
+
+  # Killed right after E-step 1 (before it is verified), then resumed: the same report.
+  resumed = str(tmp_path / 'resumed')
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt('killed after the E-step')
+  with monkeypatch.context() as m:
+    m.setattr(scoring, 'score', killed)
+    with pytest.raises(KeyboardInterrupt):
+      run(['rest-em', f'--workdir={resumed}'] + TINY)
+  assert os.path.exists(os.path.join(resumed, 'estep_1', 'stage.json'))
+  assert not os.path.exists(os.path.join(resumed, 'scored_1'))
+  run(['rest-em', f'--workdir={resumed}'] + TINY)
+  got, want = _strip(_report(resumed)), _strip(report)
+  for r in (got, want):
+    r.pop('settings')
+    for it in r['iterations']:
+      it.pop('policy_dir'), it.pop('init_policy', None)
+  assert got == want
+
+
+def test_m_step_from_the_last_iterate(tmp_path):
+  """`m_step_init='last'` (the ablation): M-step 2 starts from M-step 1's policy."""
+  workdir = str(tmp_path / 'last')
+  run(['rest-em', f'--workdir={workdir}'] + TINY + [
+      "--gin.rest_em.m_step_init='last'", '--gin.rest_em.controls=()'])
+  report = _report(workdir)
+  with open(os.path.join(workdir, 'mstep_2', 'improve_summary.json')) as f:
+    s = json.load(f)
+  assert s['init_policy_dir'] == os.path.join(workdir, 'mstep_1')
+  # Its step-0 dev pass@1 is iteration 1's (the policy it starts from), measured anew.
+  assert s['history'][0]['reward'] == report['iterations'][1]['dev_pass1']
+  assert report['controls'] == {}
