@@ -20,7 +20,7 @@ TINY = [
     '--gin.evaluate_solver.num_samples=4', '--gin.evaluate_solver.ks=(1, 2, 4)',
     '--gin.grow.max_sources=16', '--gin.grow.num_decodes=4', '--gin.grow.chunk_size=8',
     '--gin.grow.batch_size=8',
-    '--gin.improve.num_steps=4', '--gin.improve.eval_every_steps=2', '--gin.improve.batch_size=8',
+    '--gin.improve.num_steps=4', '--gin.improve.eval_every_steps=4', '--gin.improve.batch_size=8',
 ]
 TIMING_KEYS = ('minutes', 'eval_minutes', 'estep_minutes', 'score_minutes', 'mstep_minutes',
                'minutes_this_invocation', 'minutes_total')
@@ -98,17 +98,20 @@ def test_rest_em_loop_end_to_end_and_resume(tmp_path, monkeypatch):
     text = f.read()
   assert '| iteration 2 |' in text and '(a) gold solutions of the same problems' in text
 
-  # Killed right after E-step 1 (before it is verified), then resumed: the same report.
+  # Killed right after the last E-step (before it is verified), then resumed: the same report.
   resumed = str(tmp_path / 'resumed')
+  real_score = scoring.score
 
-  def killed(*args, **kwargs):
-    raise KeyboardInterrupt('killed after the E-step')
+  def killed(output_dir, **kwargs):
+    if output_dir.endswith('scored_2'):
+      raise KeyboardInterrupt('killed after the E-step')
+    return real_score(output_dir, **kwargs)
   with monkeypatch.context() as m:
     m.setattr(scoring, 'score', killed)
     with pytest.raises(KeyboardInterrupt):
       run(['rest-em', f'--workdir={resumed}'] + TINY)
-  assert os.path.exists(os.path.join(resumed, 'estep_1', 'stage.json'))
-  assert not os.path.exists(os.path.join(resumed, 'scored_1'))
+  assert os.path.exists(os.path.join(resumed, 'estep_2', 'stage.json'))
+  assert not os.path.exists(os.path.join(resumed, 'scored_2'))
   run(['rest-em', f'--workdir={resumed}'] + TINY)
   got, want = _strip(_report(resumed)), _strip(report)
   for r in (got, want):
@@ -130,3 +133,24 @@ def test_m_step_from_the_last_iterate(tmp_path):
   # Its step-0 dev pass@1 is iteration 1's (the policy it starts from), measured anew.
   assert s['history'][0]['reward'] == report['iterations'][1]['dev_pass1']
   assert report['controls'] == {}
+
+
+def test_the_longest_gold_solution_fits_the_decode_length():
+  """Worked solutions are 2-4x longer than their problems: the math config's decoding bound
+  (E-step, M-step dev selection, evaluation) must hold every gold solution of every split."""
+  from rest_jax import data as data_lib, input_pipeline
+  main_lib.parse_gin(['gin_configs/runs/rest_em_arithmetic_cpu.gin'], [])
+  q = gin.query_parameter
+  for split in ('train', 'pool', 'validation', 'test', 'test_hard'):
+    d = input_pipeline.load_task_data('arithmetic_chain', split, q('rest_em.inputs_length'),
+                                      q('rest_em.targets_length'))
+    assert d.num_truncated == 0, split
+    longest = int(data_lib.lengths(d.arrays['decoder_target_tokens']).max())  # EOS included.
+    source_bucket = data_lib.bucket_length(
+        int(data_lib.lengths(d.arrays['encoder_input_tokens']).max()), grow_lib.LENGTH_BUCKETS)
+    for fn in ('grow', 'rest_em'):
+      steps = data_lib.decode_length(source_bucket, q(f'{fn}.max_decode_len'),
+                                     q(f'{fn}.decode_length_ratio'))
+      assert longest <= steps, (split, fn, longest, steps)
+    assert longest <= q('improve.max_decode_len') and q('improve.decode_length_ratio') is None
+    assert longest <= q('train.max_decode_len') and q('train.decode_length_ratio') is None
