@@ -200,6 +200,7 @@ def improve(model_dir: str,
             scored_dir: str = gin.REQUIRED,
             init_policy_dir: str = gin.REQUIRED,
             rm_dir: str | None = None,
+            reward: str = 'rm',
             prior_policy_dir: str | None = None,
             task: str = 'libreoffice_help_de_en',
             tau: float = 0.0,
@@ -231,6 +232,9 @@ def improve(model_dir: str,
     scored_dir: a `rest-jax score` output (records with a normalised `reward` in [0, 1]).
     init_policy_dir: the previous policy (a BC run or the previous Improve step).
     rm_dir: the learned reward model for the dev reward (`rewards.model.load_reward_model`).
+    reward: what measures the dev reward when no `scorer` is given: 'rm' (the model in
+      `rm_dir`), a verifier ('verifier', 'verifier_steps': dev pass@1 in percent) or a metric
+      against the references ('chrf+ter', ...).
     prior_policy_dir: the BC policy, for losses with a KL to it (`bvmpo`); default
       `init_policy_dir`.
     task: SeqIO task (dev split, vocabulary).
@@ -275,9 +279,15 @@ def improve(model_dir: str,
   if records is None:
     from rest_jax.rewards import scoring
     records = scoring.read_scored_records(scored_dir)
+  detok = input_pipeline.detokenizer(task)
   if scorer is None:
-    from rest_jax.rewards import model as rm_model
-    scorer = rm_model.load_reward_model(rm_dir)
+    from rest_jax.rewards import metrics, model as rm_model, verifiers
+    if reward == 'rm':
+      scorer = rm_model.load_reward_model(rm_dir)
+    elif reward in verifiers.VERIFIER_REWARDS:
+      scorer = verifiers.make_scorer(reward, detok)
+    else:
+      scorer = metrics.MetricScorer(reward, detok)
   arrays, stats = select_training_data(records, tau, threshold_mode, inputs_length,
                                        targets_length, batch_size, origins, selection,
                                        max_per_source, seed)
@@ -288,7 +298,6 @@ def improve(model_dir: str,
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=dev_examples)
-  detok = input_pipeline.detokenizer(task)
 
   with_prior = losses.needs_prior(loss)
   wrapped = _ImproveModel(model, loss, with_prior)

@@ -445,19 +445,8 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, tas
 def register_tasks() -> None:
   """(Re-)registers `arithmetic_chain` and `gsm8k`."""
   for name in TASK_NAMES:
-    vocabulary = get_vocabulary(name)
-    features = {
-        'inputs': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
-        'targets': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
-    }
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=seqio.FunctionDataSource(functools.partial(_dataset_fn, task=name),
-                                        splits=list(SPLITS[name])),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-        output_features=features,
-        metric_fns=[])
+    translation.register_text_task(name, functools.partial(_dataset_fn, task=name), SPLITS[name],
+                                   get_vocabulary(name))
 
 
 def main() -> None:

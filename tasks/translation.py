@@ -170,19 +170,25 @@ def get_vocabulary(task: str, size: int | None = None) -> seqio.SentencePieceVoc
 TASK_NAMES = ('libreoffice_help_de_en', 'libreoffice_help_zh_en', 'iwslt14_de_en', 'wmt20_zh_en')
 
 
+def register_text_task(name: str, dataset_fn, splits, vocabulary) -> None:
+  """(Re-)registers a SeqIO task of string `inputs` / `targets` / `key` examples (from
+  `dataset_fn(split, shuffle_files, seed)`), tokenized by one shared `vocabulary`, EOS appended
+  after trimming: the layout of every task of this package."""
+  features = {
+      'inputs': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
+      'targets': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
+  }
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(dataset_fn, splits=list(splits)),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features=features,
+      metric_fns=[])
+
+
 def register_tasks(size: int | None = None) -> None:
   """(Re-)registers every translation task with a vocabulary of `size` pieces."""
   for name in TASK_NAMES:
-    vocabulary = get_vocabulary(name, size)
-    features = {
-        'inputs': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
-        'targets': seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
-    }
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=seqio.FunctionDataSource(functools.partial(_dataset_fn, task=name),
-                                        splits=list(SPLIT_FILES)),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-        output_features=features,
-        metric_fns=[])
+    register_text_task(name, functools.partial(_dataset_fn, task=name), SPLIT_FILES,
+                       get_vocabulary(name, size))

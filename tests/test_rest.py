@@ -15,6 +15,8 @@ import sacrebleu
 from rest_jax import evaluation, main as main_lib, report as report_lib, rest as rest_lib
 from rest_jax.rewards import metrics, train_rm
 
+from loop_utils import report as _report, run, strip
+
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
     '--gin.rest.bc_params_file=None', '--gin.rest.num_grow_steps=1',
@@ -44,25 +46,6 @@ TINY = [
 ]
 TIMING_KEYS = ('minutes', 'stage_minutes', 'grow_minutes', 'score_minutes',
                'minutes_this_invocation', 'minutes_total', 'scored_dir')
-
-
-def run(args):
-  gin.clear_config()
-  main_lib.main(args)
-
-
-def _strip(obj):
-  """The report without wall-clock times and paths (what a resumed run legitimately changes)."""
-  if isinstance(obj, dict):
-    return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
-  if isinstance(obj, list):
-    return [_strip(v) for v in obj]
-  return obj
-
-
-def _report(workdir):
-  with open(os.path.join(workdir, 'report.json')) as f:
-    return json.load(f)
 
 
 def test_corpus_metrics_length_statistics():
@@ -180,7 +163,7 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert os.path.exists(os.path.join(resumed, 'grow_1', 'stage.json'))
   assert not os.path.exists(os.path.join(resumed, 'rm'))
   run(['rest', f'--workdir={resumed}'] + TINY)
-  assert _strip(_report(resumed)) == _strip(report)
+  assert strip(_report(resumed), TIMING_KEYS) == strip(report, TIMING_KEYS)
 
   # A loop given the straight run's reward model as it is (rest.rm_dir): no rm/ of its own, its
   # Grow scored by that model, so the same BC policy (the straight run's) gets the same rewards.

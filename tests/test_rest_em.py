@@ -5,6 +5,7 @@ report; then the same loop killed right after its first E-step and resumed: the 
 
 import json
 import os
+import shutil
 
 import gin
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 
 from rest_jax import grow as grow_lib, main as main_lib, rest_em
 from rest_jax.rewards import scoring, verifiers
+
+from loop_utils import report as _report, run, strip
 
 TINY = [
     '--gin_file=gin_configs/runs/rest_em_arithmetic_cpu.gin',
@@ -24,24 +27,6 @@ TINY = [
 ]
 TIMING_KEYS = ('minutes', 'eval_minutes', 'estep_minutes', 'score_minutes', 'mstep_minutes',
                'minutes_this_invocation', 'minutes_total')
-
-
-def run(args):
-  gin.clear_config()
-  main_lib.main(args)
-
-
-def _strip(obj):
-  if isinstance(obj, dict):
-    return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
-  if isinstance(obj, list):
-    return [_strip(v) for v in obj]
-  return obj
-
-
-def _report(workdir):
-  with open(os.path.join(workdir, 'report.json')) as f:
-    return json.load(f)
 
 
 def test_bucket_of():
@@ -113,26 +98,26 @@ def test_rest_em_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert os.path.exists(os.path.join(resumed, 'estep_2', 'stage.json'))
   assert not os.path.exists(os.path.join(resumed, 'scored_2'))
   run(['rest-em', f'--workdir={resumed}'] + TINY)
-  got, want = _strip(_report(resumed)), _strip(report)
+  got, want = strip(_report(resumed), TIMING_KEYS), strip(report, TIMING_KEYS)
   for r in (got, want):
     r.pop('settings')
     for it in r['iterations']:
       it.pop('policy_dir'), it.pop('init_policy', None)
   assert got == want
 
-
-def test_m_step_from_the_last_iterate(tmp_path):
-  """`m_step_init='last'` (the ablation): M-step 2 starts from M-step 1's policy."""
-  workdir = str(tmp_path / 'last')
-  run(['rest-em', f'--workdir={workdir}'] + TINY + [
+  # The ablation `m_step_init='last'`: iteration 1 is the same run (its M-step starts from the
+  # base model either way), so it starts from a copy of the straight run's first iteration;
+  # M-step 2 then starts from M-step 1's policy, its step-0 dev pass@1 is iteration 1's.
+  last = str(tmp_path / 'last')
+  for d in ('base', 'estep_1', 'scored_1', 'mstep_1', 'cache', 'eval/base', 'eval/iter_1'):
+    shutil.copytree(os.path.join(straight, d), os.path.join(last, d))
+  run(['rest-em', f'--workdir={last}'] + TINY + [
       "--gin.rest_em.m_step_init='last'", '--gin.rest_em.controls=()'])
-  report = _report(workdir)
-  with open(os.path.join(workdir, 'mstep_2', 'improve_summary.json')) as f:
+  with open(os.path.join(last, 'mstep_2', 'improve_summary.json')) as f:
     s = json.load(f)
-  assert s['init_policy_dir'] == os.path.join(workdir, 'mstep_1')
-  # Its step-0 dev pass@1 is iteration 1's (the policy it starts from), measured anew.
-  assert s['history'][0]['reward'] == report['iterations'][1]['dev_pass1']
-  assert report['controls'] == {}
+  assert s['init_policy_dir'] == os.path.join(last, 'mstep_1')
+  assert s['history'][0]['reward'] == its[1]['dev_pass1']
+  assert _report(last)['controls'] == {} and _report(last)['m_step_init'] == 'last'
 
 
 def test_the_longest_gold_solution_fits_the_decode_length():

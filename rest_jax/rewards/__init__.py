@@ -9,4 +9,6 @@
   another reference) used as extra training data and by the sanity check.
 * `scoring`: scores every Grow record once (`scored-*.tfrecord`, resumable per chunk).
 * `check`: sanity check of a reward on hand-made bad candidates (`rm_check.json`).
+* `verifiers`: ReST-EM's binary verifier (the final answer after `####`, optionally every step),
+  its scorer, and the sampled-solution metrics pass@k and maj@k (Singh et al. 2023).
 """
