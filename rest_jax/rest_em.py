@@ -50,7 +50,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import numpy as np
 
-from rest_jax import evaluation, grow as grow_lib, improve as improve_lib, input_pipeline
+from rest_jax import data as data_lib, evaluation, grow as grow_lib, improve as improve_lib, input_pipeline
 from rest_jax import partitioning, report as report_lib, rest as rest_lib
 from rest_jax import trainer as trainer_lib
 from rest_jax.rewards import verifiers
@@ -181,12 +181,11 @@ def same_problem_gold(records: Sequence[Mapping[str, Any]], keep: np.ndarray
 def gold_records(data: input_pipeline.TaskData) -> list[dict[str, Any]]:
   """Control (c)'s records: the gold set (the base model's SFT data) in the record layout
   Improve reads (origin 'reference', reward 1)."""
-  lengths = lambda a: [int(n) for n in np.count_nonzero(a, axis=1)]
   enc, tgt = data.arrays['encoder_input_tokens'], data.arrays['decoder_target_tokens']
   return [dict(source_index=i, source_ids=[int(t) for t in enc[i, :ns]],
                candidate_ids=[int(t) for t in tgt[i, :nt]], reward=1.0, origin='reference',
                key=data.keys[i])
-          for i, (ns, nt) in enumerate(zip(lengths(enc), lengths(tgt)))]
+          for i, (ns, nt) in enumerate(zip(data_lib.lengths(enc), data_lib.lengths(tgt)))]
 
 
 @gin.configurable(denylist=['workdir'])
