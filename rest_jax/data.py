@@ -126,3 +126,10 @@ def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> tuple[dict, i
   out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
          for k, v in batch.items()}
   return out, n
+
+
+def trim(row: np.ndarray) -> list[int]:
+  """A `[length]` int row's ids up to and including the last non-PAD (0) token, as a list
+  (through EOS for a complete sequence; [] for an all-PAD row)."""
+  nz = np.flatnonzero(row)
+  return [int(t) for t in row[:nz[-1] + 1]] if len(nz) else []

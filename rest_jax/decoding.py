@@ -575,3 +575,77 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
       lengths=take(f.finished_lengths,
                    jnp.full((B, K), f.cur_index, jnp.int32)),
       num_steps=f.cur_index)
+
+
+# -- the decoding-method registry ------------------------------------------------------------------
+#
+# `PolicyModel.predict_batch(method=name)` (and so evaluation, `rest-jax eval` / `translate`) looks
+# a method up here instead of switching on its name. A registered function takes the cache, the
+# callback and keyword options and returns (tokens [batch, num_decodes, max_decode_len] int32,
+# aux dict of arrays; 'logprobs' [batch, num_decodes] f32 in nats under the untempered policy and
+# 'lengths' [batch, num_decodes] int32 at least). Register your own with `register_decode_fn`.
+
+DecodeFn = Callable[..., Tuple[jnp.ndarray, dict]]
+DECODE_FNS: dict[str, DecodeFn] = {}
+
+
+def register_decode_fn(name: str) -> Callable[[DecodeFn], DecodeFn]:
+  """Decorator: registers a decoding method under `name` (raises ValueError if taken)."""
+  def wrap(fn: DecodeFn) -> DecodeFn:
+    if name in DECODE_FNS:
+      raise ValueError(f'decoding method {name!r} is already registered')
+    DECODE_FNS[name] = fn
+    return fn
+  return wrap
+
+
+def decode_fn(name: str) -> DecodeFn:
+  """The registered decoding method `name`.
+
+  Raises:
+    ValueError: no such method (lists the registered ones).
+  """
+  if name not in DECODE_FNS:
+    raise ValueError(f'Unknown decoding method {name!r}: registered are {sorted(DECODE_FNS)}')
+  return DECODE_FNS[name]
+
+
+def _sample_aux(out: SampleOutput) -> dict:
+  return {'logprobs': out.sequence_logprob_policy, 'sampling_logprobs': out.sequence_logprob,
+          'token_logprobs': out.token_logprobs,
+          'token_logprobs_policy': out.token_logprobs_policy, 'lengths': out.lengths}
+
+
+@register_decode_fn('greedy')
+def _greedy(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
+            **unused):
+  """Argmax decoding (`greedy_decode`); one decode per source."""
+  del unused
+  if num_decodes != 1:
+    raise ValueError('greedy decoding needs num_decodes == 1.')
+  out = greedy_decode(cache, tokens_to_logits, batch_size=batch_size,
+                      max_decode_len=max_decode_len, eos_id=eos_id)
+  return out.tokens, _sample_aux(out)
+
+
+@register_decode_fn('sample')
+def _sample(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
+            rng=None, temperature=1.0, topk=0, topp=0.0, **unused):
+  """`temperature_sample`: num_decodes samples per source (temperature / top-k / top-p)."""
+  del unused
+  if rng is None:
+    raise ValueError("method='sample' needs an rng.")
+  out = temperature_sample(cache, tokens_to_logits, batch_size=batch_size,
+                           max_decode_len=max_decode_len, eos_id=eos_id, rng=rng,
+                           num_decodes=num_decodes, temperature=temperature, topk=topk, topp=topp)
+  return out.tokens, _sample_aux(out)
+
+
+@register_decode_fn('beam')
+def _beam(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=4,
+          beam_alpha=0.6, **unused):
+  """`beam_search` with num_decodes beams (best first) and the GNMT length penalty alpha."""
+  del unused
+  out = beam_search(cache, tokens_to_logits, batch_size=batch_size, beam_size=num_decodes,
+                    max_decode_len=max_decode_len, eos_id=eos_id, alpha=beam_alpha)
+  return out.tokens, {'logprobs': out.logprobs, 'scores': out.scores, 'lengths': out.lengths}

@@ -14,8 +14,9 @@ import numpy as np
 import sacrebleu
 
 from rest_jax import data as data_lib
+from rest_jax import inference
 
-LENGTH_BUCKETS = (16, 32, 64, 128)
+LENGTH_BUCKETS = inference.LENGTH_BUCKETS
 
 
 def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -51,31 +52,30 @@ def _jitted_predict(model, method: str, max_decode_len: int, num_decodes: int, b
 
 def predict_ids(model, params, encoder_input_tokens: np.ndarray, batch_size: int = 64,
                 max_decode_len: int = 128, method: str = 'greedy', beam_size: int = 4,
-                beam_alpha: float = 0.6, decode_length_ratio: float | None = 2.0
-                ) -> list[list[int]]:
+                beam_alpha: float = 0.6, decode_length_ratio: float | None = 2.0,
+                mesh=None) -> list[list[int]]:
   """Decodes `[n, src_len]` int32 sources; returns n token-id lists (through EOS, no padding).
 
   Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
-  zero-padded) trimmed to a length bucket, so decoding compiles once per bucket. A batch decodes
-  at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
+  zero-padded) trimmed to the length bucket of the batch's longest source
+  (`inference.run_batched`, grouping 'sorted'), so decoding compiles once per bucket. A batch
+  decodes at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
+  method: 'greedy' or 'beam' (`beam_size` beams, length penalty `beam_alpha`; the best beam).
+  mesh: shard the batches over it (None: unsharded, on the default device).
   """
-  n = len(encoder_input_tokens)
-  order = np.argsort(data_lib.lengths(encoder_input_tokens), kind='stable')
-  out: list[list[int] | None] = [None] * n
-  for start in range(0, n, batch_size):
-    rows = order[start:start + batch_size]
-    src = encoder_input_tokens[rows]
-    bucket = data_lib.bucket_length(int(data_lib.lengths(src).max()), LENGTH_BUCKETS)
-    src = src[:, :bucket]
+  if not len(encoder_input_tokens):
+    return []
+
+  def step(buckets, batch):
     predict = _jitted_predict(
-        model, method, data_lib.decode_length(bucket, max_decode_len, decode_length_ratio),
+        model, method, data_lib.decode_length(buckets[0], max_decode_len, decode_length_ratio),
         1 if method == 'greedy' else beam_size, beam_alpha)
-    batch, real = data_lib.pad_batch({'encoder_input_tokens': src}, batch_size)
-    tokens = np.asarray(jax.device_get(predict(params, batch)))
-    for r, t in zip(rows, tokens[:real]):
-      nz = np.flatnonzero(t)
-      out[r] = [int(i) for i in t[:nz[-1] + 1]] if len(nz) else []
-  return out  # type: ignore[return-value]
+    return predict(params, batch)
+  tokens = inference.run_batched(
+      step, {'encoder_input_tokens': np.asarray(encoder_input_tokens)},
+      trim=('encoder_input_tokens',), buckets=LENGTH_BUCKETS, batch_size=batch_size, mesh=mesh,
+      grouping='sorted')
+  return [data_lib.trim(t) for t in tokens]
 
 
 def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Callable,

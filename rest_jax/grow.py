@@ -12,16 +12,20 @@ Two layers:
   `fold_in(fold_in(key_b, j), t)`, see `decoding.temperature_sample`), and every source is padded
   to the length bucket of its *own* length, so its samples do not depend on batching, chunking,
   device count or host count.
-* `grow` (gin) drives it chunk by chunk and writes TFRecords (TensorFlow imported lazily, in the
-  writer / reader only). Chunk k is `grow-{k:05d}-of-{K:05d}.tfrecord` (written to a temporary
-  name, then renamed) followed by its completion marker `grow-{k:05d}.done` (JSON counts). A
-  restarted Grow skips marked chunks and redoes the others from scratch, so a killed run resumes to
-  output byte-identical to an uninterrupted one. `settings.json` (written first) pins the settings;
-  `manifest.json` (written last) marks the Grow complete.
+* `grow` (gin) drives it chunk by chunk and writes the records through `rest_jax.records`
+  (TensorFlow imported lazily, in that module's writer / reader only): chunk k holds sources
+  [k * chunk_size, (k + 1) * chunk_size) and is `grow-{k:05d}-of-{K:05d}.tfrecord` (written to a
+  temporary name, then renamed) followed by its completion marker `grow-{k:05d}.done` (JSON
+  counts). A restarted Grow skips marked chunks and redoes the others from scratch, so a killed run
+  resumes to output byte-identical to an uninterrupted one. `settings.json` (written first, see
+  `records.pin_settings`) pins the settings; `manifest.json` (written last) marks the Grow
+  complete. With several hosts, host p grows the chunks k with k % process_count == p, so the
+  files are the same for any host count.
 
-Records (one `tf.train.Example` per kept candidate, see `RECORD_FIELDS`): per source, the
-reference record (origin 'reference', candidate_index -1, both logprob fields = the policy's
-`score_batch` of the reference) comes first, then the distinct samples by candidate index. Identical
+Records (one `tf.train.Example` per kept candidate, see `records.RECORD_FIELDS`): per source, the
+reference record (origin 'reference', candidate_index -1, `logprob_policy` = the policy's
+`score_batch` of the reference, `logprob_sampling` NaN under record format 2: the reference was
+never sampled) comes first, then the distinct samples by candidate index. Identical
 samples of one source (same ids) are deduplicated, keeping the first by candidate index;
 `num_duplicates` counts how many of the N samples equal the record's ids (>= 1 for a sample, >= 0
 for the reference). A sample equal to the reference is *kept* as a sample (origin 'sample'): it is a
@@ -30,14 +34,9 @@ genuine draw of the policy, and the reward model scores it like any other sample
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import glob
-import hashlib
-import json
 import logging
 import os
-import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,17 +47,13 @@ import numpy as np
 from tqdm import tqdm
 
 from rest_jax import data as data_lib
-from rest_jax import decoding, input_pipeline, partitioning, trainer as trainer_lib
+from rest_jax import decoding, fileio, inference, input_pipeline, partitioning, records
+from rest_jax import trainer as trainer_lib
+from rest_jax.models import encoder_decoder
 from rest_jax.models.transformer import EOS_ID
 
-LENGTH_BUCKETS = (16, 32, 64, 128)
-INT_FIELDS = ('source_index', 'source_ids', 'candidate_ids', 'length', 'grow_step',
-              'candidate_index', 'num_duplicates')
-FLOAT_FIELDS = ('logprob_sampling', 'logprob_policy')
-BYTES_FIELDS = ('source', 'reference', 'candidate', 'origin', 'key')
-LIST_FIELDS = ('source_ids', 'candidate_ids')  # The other fields are scalars.
-RECORD_FIELDS = INT_FIELDS + FLOAT_FIELDS + BYTES_FIELDS
-_CHUNK_RE = re.compile(r'grow-(\d{5})-of-(\d{5})\.tfrecord$')
+LENGTH_BUCKETS = inference.LENGTH_BUCKETS
+RECORD_FIELDS = records.RECORD_FIELDS
 
 
 class GrowInterrupted(RuntimeError):
@@ -66,40 +61,6 @@ class GrowInterrupted(RuntimeError):
 
 
 # -- pure-JAX core ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _mesh_context(mesh):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    yield
-
-
-def _shard(batch: Mapping[str, np.ndarray], mesh) -> dict:
-  if jax.process_count() == 1:
-    return partitioning.shard_batch(dict(batch), mesh)
-  # Several hosts: Grow runs on a host-local mesh, each host on its own sources (no lockstep).
-  return {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
-
-
-def _global_batch(batch_size: int, mesh) -> int:
-  """`batch_size` rounded up to a multiple of the mesh's `data` axis."""
-  d = mesh.shape['data']
-  return -(-batch_size // d) * d
-
-
-def _grouped_batches(keys: np.ndarray, batch_size: int) -> list[np.ndarray]:
-  """Row positions grouped by equal key (ascending keys, rows in order), cut to <= batch_size."""
-  out = []
-  for k in np.unique(keys):
-    rows = np.flatnonzero(keys == k)
-    out += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-  return out
-
-
-def _buckets(tokens: np.ndarray) -> np.ndarray:
-  """[n, len] int tokens -> [n] int: each row's own length bucket (`data.bucket_length`)."""
-  return np.array([data_lib.bucket_length(max(int(l), 1), LENGTH_BUCKETS)
-                   for l in data_lib.lengths(tokens)], np.int64)
-
 
 @functools.lru_cache(maxsize=16)
 def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len):
@@ -166,32 +127,24 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
     (tokens incl. EOS).
   """
   enc = np.asarray(encoder_input_tokens, np.int32)
-  idx = np.asarray(source_indices, np.int64)
   n, N, L = len(enc), num_decodes, max_decode_len
+  if n == 0:
+    return {'tokens': np.zeros((0, N, L), np.int32), 'lengths': np.zeros((0, N), np.int32),
+            'logprob_sampling': np.zeros((0, N), np.float32),
+            'logprob_policy': np.zeros((0, N), np.float32)}
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
-  bs = _global_batch(batch_size, mesh)
   key = jax.random.PRNGKey(seed)
-  out = {'tokens': np.zeros((n, N, L), np.int32),
-         'logprob_sampling': np.zeros((n, N), np.float32),
-         'logprob_policy': np.zeros((n, N), np.float32),
-         'lengths': np.zeros((n, N), np.int32)}
-  buckets = _buckets(enc)
-  with _mesh_context(mesh):
-    for rows in _grouped_batches(buckets, bs):
-      steps = data_lib.decode_length(int(buckets[rows[0]]), L, decode_length_ratio)
-      fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps)
-      batch, real = data_lib.pad_batch({'enc': enc[rows, :buckets[rows[0]]],
-                                        'idx': idx[rows].astype(np.int32)}, bs)
-      batch = _shard(batch, mesh)
-      res = jax.device_get(fn(params, batch['enc'], batch['idx'], key))
-      for k in out:
-        v = np.asarray(res[k])[:real]
-        if k == 'tokens':
-          out[k][rows, :, :steps] = v
-        else:
-          out[k][rows] = v
-      if progress:
-        progress(len(rows))
+
+  def step(buckets, batch):
+    steps = data_lib.decode_length(buckets[0], L, decode_length_ratio)
+    fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps)
+    return fn(params, batch['encoder_input_tokens'], batch['source_index'], key)
+  out = inference.run_batched(
+      step, {'encoder_input_tokens': enc,
+             'source_index': np.asarray(source_indices, np.int64).astype(np.int32)},
+      trim=('encoder_input_tokens',), buckets=LENGTH_BUCKETS, batch_size=batch_size, mesh=mesh,
+      grouping='row', progress=progress)
+  out['tokens'] = np.pad(out['tokens'], ((0, 0), (0, 0), (0, L - out['tokens'].shape[2])))
   return out
 
 
@@ -204,45 +157,41 @@ def score_references(model, params, encoder_input_tokens: np.ndarray,
     encoder_input_tokens: [n, src_len] int32; decoder_target_tokens: [n, tgt_len] int32
     (EOS-terminated, PAD = 0). Rows are grouped by their own (source, target) length buckets.
   """
-  enc = np.asarray(encoder_input_tokens, np.int32)
-  tgt = np.asarray(decoder_target_tokens, np.int32)
+  if not len(encoder_input_tokens):
+    return np.zeros((0,), np.float32)
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
-  bs = _global_batch(batch_size, mesh)
-  sb, tb = _buckets(enc), _buckets(tgt)
-  out = np.zeros((len(enc),), np.float32)
   fn = _score_fn(model)
-  with _mesh_context(mesh):
-    for rows in _grouped_batches(sb * 100_000 + tb, bs):
-      t = tgt[rows, :tb[rows[0]]]
-      batch, real = data_lib.pad_batch({
-          'encoder_input_tokens': enc[rows, :sb[rows[0]]],
-          'decoder_input_tokens': np.pad(t, ((0, 0), (1, 0)))[:, :-1],
-          'decoder_target_tokens': t}, bs)
-      out[rows] = np.asarray(jax.device_get(fn(params, _shard(batch, mesh))))[:real]
-  return out
 
-
-def _trim(row: np.ndarray) -> list[int]:
-  """Ids up to and including the last non-PAD token (EOS for a complete sequence)."""
-  nz = np.flatnonzero(row)
-  return [int(t) for t in row[:nz[-1] + 1]] if len(nz) else []
+  def step(buckets, batch):
+    return fn(params, {'encoder_input_tokens': batch['encoder_input_tokens'],
+                       'decoder_input_tokens': encoder_decoder.shift_right(batch['decoder_target_tokens']),
+                       'decoder_target_tokens': batch['decoder_target_tokens']})
+  return inference.run_batched(
+      step, {'encoder_input_tokens': np.asarray(encoder_input_tokens, np.int32),
+             'decoder_target_tokens': np.asarray(decoder_target_tokens, np.int32)},
+      trim=('encoder_input_tokens', 'decoder_target_tokens'), buckets=LENGTH_BUCKETS,
+      batch_size=batch_size, mesh=mesh, grouping='row').astype(np.float32)
 
 
 def chunk_records(rows: np.ndarray, task_data, samples: Mapping[str, np.ndarray],
-                  ref_scores: np.ndarray, detokenize: Callable, grow_step: int
+                  ref_scores: np.ndarray, detokenize: Callable, grow_step: int,
+                  record_format: int = records.RECORD_FORMAT
                   ) -> tuple[list[dict], dict[str, int]]:
-  """The records of one chunk (plain dicts, see `RECORD_FIELDS`) and its counts.
+  """The records of one chunk (plain dicts, see `records.RECORD_FIELDS`) and its counts.
 
   rows: [n] source indices into `task_data`; samples, ref_scores: of those sources, in order.
+  record_format: `records.RECORD_FORMAT` (2: a reference's `logprob_sampling` is NaN, it was
+  never sampled; 1: the policy score, for directories started under format 1).
   """
   enc = task_data.arrays['encoder_input_tokens']
   tgt = task_data.arrays['decoder_target_tokens']
   N = samples['tokens'].shape[1]
-  records, c = [], dict(sources=0, samples_drawn=0, samples_kept=0, duplicates_removed=0,
-                        reference_records=0, records=0, generated_tokens=0)
+  ref_sampling = (lambda v: float('nan')) if record_format >= 2 else float
+  out, c = [], dict(sources=0, samples_drawn=0, samples_kept=0, duplicates_removed=0,
+                    reference_records=0, records=0, generated_tokens=0)
   for b, i in enumerate(rows):
     i = int(i)
-    src_ids, ref_ids = _trim(enc[i]), _trim(tgt[i])
+    src_ids, ref_ids = data_lib.trim(enc[i]), data_lib.trim(tgt[i])
     cands: dict[tuple, list[int]] = {}  # ids -> candidate indices (insertion order = first j).
     for j in range(N):
       ids = tuple(int(t) for t in samples['tokens'][b, j, :samples['lengths'][b, j]])
@@ -250,138 +199,38 @@ def chunk_records(rows: np.ndarray, task_data, samples: Mapping[str, np.ndarray]
     common = dict(source_index=i, source=task_data.inputs[i], source_ids=src_ids,
                   reference=task_data.targets[i], grow_step=grow_step)
     provenance = f'{task_data.keys[i]}/grow_{grow_step}'
-    records.append(dict(common, candidate=task_data.targets[i], candidate_ids=ref_ids,
-                        logprob_sampling=float(ref_scores[b]), logprob_policy=float(ref_scores[b]),
-                        length=len(ref_ids), candidate_index=-1, origin='reference',
-                        key=f'{provenance}/reference',
-                        num_duplicates=len(cands.get(tuple(ref_ids), ()))))
+    out.append(dict(common, candidate=task_data.targets[i], candidate_ids=ref_ids,
+                    logprob_sampling=ref_sampling(ref_scores[b]),
+                    logprob_policy=float(ref_scores[b]),
+                    length=len(ref_ids), candidate_index=-1, origin='reference',
+                    key=f'{provenance}/reference',
+                    num_duplicates=len(cands.get(tuple(ref_ids), ()))))
     for ids, js in cands.items():
       j = js[0]
-      records.append(dict(common, candidate=detokenize(list(ids)), candidate_ids=list(ids),
-                          logprob_sampling=float(samples['logprob_sampling'][b, j]),
-                          logprob_policy=float(samples['logprob_policy'][b, j]),
-                          length=len(ids), candidate_index=j, origin='sample',
-                          key=f'{provenance}/sample_{j}', num_duplicates=len(js)))
+      out.append(dict(common, candidate=detokenize(list(ids)), candidate_ids=list(ids),
+                      logprob_sampling=float(samples['logprob_sampling'][b, j]),
+                      logprob_policy=float(samples['logprob_policy'][b, j]),
+                      length=len(ids), candidate_index=j, origin='sample',
+                      key=f'{provenance}/sample_{j}', num_duplicates=len(js)))
     for name, v in dict(sources=1, samples_drawn=N, samples_kept=len(cands), reference_records=1,
                         duplicates_removed=N - len(cands), records=1 + len(cands),
                         generated_tokens=int(samples['lengths'][b].sum())).items():
       c[name] += v
-  return records, c
-
-
-# -- TFRecord edge (TensorFlow imported lazily) ----------------------------------------------------
-
-def _to_example(record: Mapping[str, Any]):
-  import tensorflow as tf
-  feats = {}
-  for name in RECORD_FIELDS:
-    v = record[name]
-    v = list(v) if name in LIST_FIELDS else [v]
-    if name in INT_FIELDS:
-      feats[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=v))
-    elif name in FLOAT_FIELDS:
-      feats[name] = tf.train.Feature(float_list=tf.train.FloatList(value=v))
-    else:
-      feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(
-          value=[s.encode('utf-8') for s in v]))
-  return tf.train.Example(features=tf.train.Features(feature=feats))
-
-
-def write_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-  """Writes `records` as `tf.train.Example`s (deterministic serialisation) to `path` atomically."""
-  import tensorflow as tf
-  tmp = path + '.tmp'
-  with tf.io.TFRecordWriter(tmp) as w:
-    for r in records:
-      w.write(_to_example(r).SerializeToString(deterministic=True))
-  os.replace(tmp, path)
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-  import tensorflow as tf
-  ex = tf.train.Example.FromString(raw)
-  out = {}
-  for name, f in ex.features.feature.items():
-    kind = f.WhichOneof('kind')
-    vals = list(getattr(f, kind).value)
-    if kind == 'bytes_list':
-      vals = [v.decode('utf-8') for v in vals]
-    out[name] = vals if name in LIST_FIELDS else vals[0]
-  return out
-
-
-def _marker(chunk_path: str) -> str:
-  m = _CHUNK_RE.search(os.path.basename(chunk_path))
-  return os.path.join(os.path.dirname(chunk_path), f'grow-{m.group(1)}.done')
-
-
-def read_chunked_records(out_dir: str, *, pattern: str, chunk_re, marker: Callable[[str], str],
-                         read: Callable[[str], Any], what: str, command: str
-                         ) -> list[dict[str, Any]]:
-  """All records of a finished chunked output (Grow, scoring), by chunk file name, in file order.
-
-  Args:
-    out_dir: the output directory (holds `manifest.json`, written last, and the chunk files).
-    pattern: glob of the chunk files in it; `chunk_re` must also match their base names.
-    marker: chunk path -> its completion marker's path.
-    read: chunk path -> its records.
-    what, command: for the messages ('Grow', 'rest-jax grow').
-
-  Raises:
-    FileNotFoundError: no `manifest.json` (unfinished), a chunk file without its completion
-      marker, or another number of chunk files than the manifest counts.
-  """
-  manifest_path = os.path.join(out_dir, 'manifest.json')
-  if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f'{manifest_path} missing: the {what} in {out_dir} is unfinished '
-                            f'(rerun `{command}` to resume it) or this is no {what} dir')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  files = sorted(p for p in glob.glob(os.path.join(out_dir, pattern))
-                 if chunk_re.search(os.path.basename(p)))
-  for p in files:
-    if not os.path.exists(marker(p)):
-      raise FileNotFoundError(f'chunk {p} has no completion marker {marker(p)}: it may be '
-                              f'partial; rerun `{command}` to redo it')
-  if len(files) != manifest['counts']['chunks']:
-    raise FileNotFoundError(f'{out_dir}: {len(files)} chunk files, manifest says '
-                            f"{manifest['counts']['chunks']}")
-  return [r for p in files for r in read(p)]
+  return out, c
 
 
 def read_grow_records(grow_dir: str) -> list[dict[str, Any]]:
   """All records of a finished Grow, sorted by chunk file name, then in file order.
 
-  Returns dicts with the `RECORD_FIELDS` (text fields as str, `*_ids` as lists of int).
+  Returns dicts with the `records.RECORD_FIELDS` (text fields as str, `*_ids` as lists of int).
 
   Raises:
-    FileNotFoundError: as `read_chunked_records` (Grow unfinished, a chunk without its marker).
+    FileNotFoundError: as `records.read_chunked` (Grow unfinished, a chunk without its marker).
   """
-  import tensorflow as tf
-  return read_chunked_records(
-      grow_dir, pattern='grow-*-of-*.tfrecord', chunk_re=_CHUNK_RE, marker=_marker,
-      read=lambda p: [_parse(raw) for raw in tf.data.TFRecordDataset(p).as_numpy_iterator()],
-      what='Grow', command='rest-jax grow')
+  return records.read_chunked(grow_dir, records.GROW)
 
 
 # -- the command -----------------------------------------------------------------------------------
-
-def _check_settings(output_dir: str, settings: dict, settings_hash: str,
-                    what: str = 'a Grow') -> None:
-  """Writes `settings.json`, or raises ValueError if `output_dir` holds `what` with others."""
-  path = os.path.join(output_dir, 'settings.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old.get('settings_hash') != settings_hash:
-      prev = old.get('settings', {})
-      diff = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
-      raise ValueError(f'{output_dir} holds {what} with other settings ({", ".join(diff)}: ' +
-                       '; '.join(f'{k} {prev.get(k)!r} -> {settings.get(k)!r}' for k in diff) +
-                       '); use another output dir instead of mixing outputs')
-  elif jax.process_index() == 0:
-    trainer_lib.write_json(path, {'settings': settings, 'settings_hash': settings_hash})
-
 
 @gin.configurable(denylist=['output_dir', 'task_data', 'detokenize', 'mesh', 'params',
                             '_stop_after_chunks'])
@@ -414,7 +263,9 @@ def grow(output_dir: str,
   Args:
     output_dir: where chunks, markers, settings.json and manifest.json go (`<workdir>/grow_<g>`).
     model: an `EncoderDecoderModel` (gin: `MODEL`).
-    policy_dir: a run dir of `rest-jax train` (best params, else the latest checkpoint).
+    policy_dir: a run dir of `rest-jax train` / `improve` (best params, else the latest
+      checkpoint) or a params `.npz` (`trainer.restore_policy`); its recorded vocabulary must be
+      the task's (`input_pipeline.check_policy_vocab`).
     task, split: SeqIO task and split whose sources are grown (the paper grows the train split).
     num_decodes: N samples per source. temperature, topk, topp: sampling (paper: T = 0.8).
     max_decode_len: tokens per sample incl. EOS.
@@ -435,7 +286,7 @@ def grow(output_dir: str,
     task_data: an `input_pipeline.TaskData` to grow instead of loading `task`/`split` (tests).
     detokenize: ids -> text (default: the task's SentencePiece detokenizer).
     mesh: decoding mesh (default: this host's devices, `create_mesh` partitions). Each host grows
-      the sources with index % process_count == process_index on its own devices.
+      the chunks with index % process_count == process_index on its own devices.
     params: policy params to use instead of restoring `policy_dir` (tests).
     _stop_after_chunks: test hook: raise `GrowInterrupted` after this many chunks were written.
 
@@ -448,7 +299,7 @@ def grow(output_dir: str,
     ValueError: `output_dir` holds a Grow with different settings (names them).
   """
   start = time.perf_counter()
-  os.makedirs(output_dir, exist_ok=True)
+  fileio.makedirs(output_dir)
   if task_data is None:
     cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
     task_data = input_pipeline.cached_task_data(
@@ -460,58 +311,54 @@ def grow(output_dir: str,
     task_data = task_data.subset(max_sources)
   num_sources = len(task_data)
   p, P = jax.process_index(), jax.process_count()
-  settings = dict(policy_dir=os.path.abspath(policy_dir) if policy_dir else None, task=task,
+  settings = dict(policy_dir=policy_dir or None, task=task,
                   split=split, num_decodes=num_decodes, temperature=float(temperature), topk=topk,
                   topp=float(topp), max_decode_len=max_decode_len,
                   decode_length_ratio=decode_length_ratio, chunk_size=chunk_size, seed=seed,
                   grow_step=grow_step, max_sources=max_sources,
                   source_every=source_every, num_sources=num_sources,
                   inputs_length=inputs_length, targets_length=targets_length,
-                  process_count=P, model_config=repr(model.config))
+                  model_config=repr(model.config))
   this_seed = sample_seed(seed, grow_step)
   if grow_step > 1:  # (Grow 1's settings, and so its hash, are as they were before this key.)
     settings['sample_seed'] = this_seed
-  settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-  _check_settings(output_dir, settings, settings_hash)
-  manifest_path = os.path.join(output_dir, 'manifest.json')
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      logging.info('grow: %s is complete', output_dir)
-      return json.load(f)
+  pinned = records.pin_settings(output_dir, settings, what='a Grow', path_keys=('policy_dir',),
+                                process_count=P, write=p == 0)
+  finished = records.finished_manifest(output_dir)
+  if finished is not None:
+    logging.info('grow: %s is complete', output_dir)
+    return finished
 
-  # Host p grows sources p, p + P, ...; its j-th chunk is chunk j * P + p of K (contiguous ids,
-  # since hosts with a higher p never have more chunks).
-  host_chunks = [np.arange(q, num_sources, P) for q in range(P)]
-  host_chunks = [[s[i:i + chunk_size] for i in range(0, len(s), chunk_size)] for s in host_chunks]
-  K = sum(len(c) for c in host_chunks)
-  names = {j * P + p: f'grow-{j * P + p:05d}-of-{K:05d}' for j in range(len(host_chunks[p]))}
-  todo = [(j, k) for j, k in enumerate(names)
-          if not os.path.exists(os.path.join(output_dir, f'grow-{k:05d}.done'))]
+  # Chunk k holds sources [k * chunk_size, (k + 1) * chunk_size); host p grows the chunks with
+  # k % P == p, so the files do not depend on the host count (which is outside the settings hash).
+  K = -(-num_sources // chunk_size)
+  mine = [k for k in range(K) if k % P == p]
+  todo = [k for k in mine if not records.is_done(output_dir, records.GROW, k)]
+  chunk_rows = lambda k: np.arange(k * chunk_size, min((k + 1) * chunk_size, num_sources))
   logging.info('grow: %d sources, %d chunks (%d on this host to do) -> %s', num_sources, K,
                len(todo), output_dir)
 
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
   if detokenize is None:
     input_pipeline.check_vocab_size(task, model.config.vocab_size)
+    if policy_dir:
+      input_pipeline.check_policy_vocab(policy_dir, task)
     detokenize = input_pipeline.detokenizer(task)
   if todo:
     abstract = trainer_lib.abstract_params(model, mesh)
     if params is None:
       if not policy_dir:
         raise ValueError('grow needs a policy_dir (or params)')
-      params = trainer_lib.restore_params(policy_dir, abstract)
+      params = trainer_lib.restore_policy(policy_dir, abstract)
     else:
       params = jax.device_put(nn.meta.unbox(params), jax.tree.map(lambda a: a.sharding, abstract))
 
-  total = sum(len(host_chunks[p][j]) for j, _ in todo)
+  total = sum(len(chunk_rows(k)) for k in todo)
   bar = tqdm(total=total, desc=f'grow {grow_step}', unit='src', dynamic_ncols=True,
              mininterval=2.0, disable=p != 0)
   drawn, tokens, decode_seconds = 0, 0, 0.0
-  for done, (j, k) in enumerate(todo):
-    rows = host_chunks[p][j]
-    path = os.path.join(output_dir, names[k] + '.tfrecord')
-    if os.path.exists(path + '.tmp'):
-      os.remove(path + '.tmp')  # Partial file of a killed run: redo the chunk from scratch.
+  for done, k in enumerate(todo):
+    rows = chunk_rows(k)
     t0 = time.perf_counter()
     enc = task_data.arrays['encoder_input_tokens'][rows]
 
@@ -528,11 +375,11 @@ def grow(output_dir: str,
     ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
                            mesh=mesh, batch_size=batch_size)
     decode_seconds += time.perf_counter() - t0
-    records, counts = chunk_records(rows, task_data, samples, ref, detokenize, grow_step)
+    chunk, counts = chunk_records(rows, task_data, samples, ref, detokenize, grow_step,
+                                  pinned.record_format)
     drawn += counts['samples_drawn']
     tokens += counts['generated_tokens']
-    write_records(path, records)
-    trainer_lib.write_json(os.path.join(output_dir, f'grow-{k:05d}.done'), counts)
+    records.write_chunk(output_dir, records.GROW, k, K, chunk, counts)
     if _stop_after_chunks is not None and done + 1 >= _stop_after_chunks:
       raise GrowInterrupted(f'stopped after {done + 1} chunks (test hook)')
   bar.close()
@@ -540,20 +387,17 @@ def grow(output_dir: str,
   if P > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('rest_jax.grow.done')
-  counts: dict[str, int] = {}
-  for k in range(K):
-    with open(os.path.join(output_dir, f'grow-{k:05d}.done')) as f:
-      counts = {n: counts.get(n, 0) + v for n, v in json.load(f).items()}
+  counts = records.sum_counts(output_dir, records.GROW, K)
   counts['chunks'] = K
   wall = time.perf_counter() - start
-  manifest = dict(policy_dir=settings['policy_dir'], task=task, split=split, settings=settings,
-                  settings_hash=settings_hash, counts=counts,
-                  chunks_resumed=len(names) - len(todo),
+  manifest = dict(policy_dir=pinned.settings['policy_dir'], task=task, split=split,
+                  settings=pinned.settings, settings_hash=pinned.settings_hash, counts=counts,
+                  chunks_resumed=len(mine) - len(todo),
                   wall_seconds=wall, decode_seconds=decode_seconds,
                   generated_tokens_this_run=tokens,
                   generated_tokens_per_second=tokens / max(decode_seconds, 1e-9))
   if p == 0:
-    trainer_lib.write_json(manifest_path, manifest)
+    records.write_manifest(output_dir, manifest)
   logging.info('grow: %d records (%d samples kept of %d, %d references) in %.0f s, %.0f tok/s',
                counts['records'], counts['samples_kept'], counts['samples_drawn'],
                counts['reference_records'], wall, manifest['generated_tokens_per_second'])

@@ -29,15 +29,17 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from rest_jax import fileio
 from rest_jax import data as data_lib
 from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning
 from rest_jax import trainer as trainer_lib
+from rest_jax.models import base
 
 
 ORIGINS = ('reference', 'sample')  # Grow record origins (`grow.RECORD_FIELDS`).
 
 
-class _ImproveModel:
+class ImproveModel(base.BaseModel):
   """The policy plus the loss's own params, as one model for `trainer.Trainer`.
 
   `get_initial_variables` returns {'params': {'policy', 'aux'[, 'prior']}}: the policy's boxed
@@ -45,16 +47,23 @@ class _ImproveModel:
   layout for the frozen prior.
   """
 
-  def __init__(self, model, loss_name: str, with_prior: bool):
+  def __init__(self, model: base.PolicyModel, loss_name: str, with_prior: bool):
+    base.check_model(model, base.PolicyModel)
     self.model = model
     self.loss_name = loss_name
     self.with_prior = with_prior
+    self._loss_fn = losses.make_loss_fn(model, loss_name)
 
   @property
   def config(self):
     return self.model.config
 
-  def get_initial_variables(self, rng, input_shapes):
+  def loss_fn(self, params, batch, dropout_rng):
+    """The registered loss `loss_name` (`losses.make_loss_fn`) on {'policy', 'aux'[, 'prior']}."""
+    return self._loss_fn(params, batch, dropout_rng)
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    del input_types
     policy = self.model.get_initial_variables(rng, input_shapes)['params']
     params = {'policy': policy,
               'aux': losses.init_aux_params(self.loss_name, self.model, jax.random.fold_in(rng, 1))}
@@ -280,6 +289,9 @@ def improve(model_dir: str,
     from rest_jax.rewards import scoring
     records = scoring.read_scored_records(scored_dir)
   detok = input_pipeline.detokenizer(task)
+  input_pipeline.check_policy_vocab(init_policy_dir, task)
+  if jax.process_index() == 0:
+    input_pipeline.write_policy_vocab(model_dir, task)  # This step's policy is a policy too.
   if scorer is None:
     from rest_jax.rewards import metrics, model as rm_model, verifiers
     if reward == 'rm':
@@ -300,10 +312,9 @@ def improve(model_dir: str,
                                         max_examples=dev_examples)
 
   with_prior = losses.needs_prior(loss)
-  wrapped = _ImproveModel(model, loss, with_prior)
-  loss_fn = losses.make_loss_fn(model, loss)
+  wrapped = ImproveModel(model, loss, with_prior)
   mesh = partitioning.create_mesh()
-  t = trainer_lib.Trainer(wrapped, _optimizer(with_prior), mesh, loss_fn=loss_fn, seed=seed)
+  t = trainer_lib.Trainer(wrapped, _optimizer(with_prior), mesh, seed=seed)
   shapes = {'encoder_input_tokens': (batch_size, inputs_length),
             'decoder_input_tokens': (batch_size, targets_length)}
   abstract = t.abstract_state(shapes).params
@@ -340,7 +351,7 @@ def improve(model_dir: str,
                f'{m["reward"]:.2f} BLEU {m["bleu"]:.2f} chrF {m["chrf"]:.2f}'
                + (' (best)' if is_best else ''))
     ckpt.save(s)
-    trainer_lib.write_json(summary_path, {'history': history, 'filter': stats})
+    fileio.write_json(summary_path, {'history': history, 'filter': stats})
     return entry
 
   if not history:
@@ -380,7 +391,7 @@ def improve(model_dir: str,
                  stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),
                  wall_seconds=time.perf_counter() - start, complete=True,
                  final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
-  trainer_lib.write_json(summary_path, summary)
+  fileio.write_json(summary_path, summary)
   return summary
 
 

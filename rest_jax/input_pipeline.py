@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from rest_jax import fileio
 
 
 @dataclasses.dataclass
@@ -70,6 +72,53 @@ def check_vocab_size(task_name: str, model_vocab_size: int) -> None:
     raise ValueError(f'the model has vocab_size={model_vocab_size} but task {task_name!r} uses a '
                      f'vocabulary of {size} pieces: bind models.TransformerConfig.vocab_size = '
                      f'{size}')
+
+
+VOCAB_FILE = 'vocab.json'  # Beside every policy: which SentencePiece model its ids belong to.
+
+
+def vocab_info(task_name: str) -> dict[str, Any]:
+  """{'task', 'vocab_size', 'sha256'} of the task's SentencePiece model (sha256 of the
+  `.model` file's bytes, hex)."""
+  import hashlib
+  vocab = get_vocabulary(task_name)
+  with fileio.open_file(vocab.sentencepiece_model_file, 'rb') as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  return {'task': task_name, 'vocab_size': int(vocab.vocab_size), 'sha256': digest}
+
+
+def policy_dir_of(policy: str) -> str:
+  """The directory that describes a policy: itself for a run dir, the parent of an `.npz`."""
+  policy = fileio.repo_path(policy)
+  return os.path.dirname(policy) if policy.endswith('.npz') else policy
+
+
+def write_policy_vocab(policy: str, task_name: str) -> None:
+  """Records the task's `vocab_info` as `vocab.json` in the policy's directory."""
+  fileio.write_json(os.path.join(policy_dir_of(policy), VOCAB_FILE), vocab_info(task_name))
+
+
+def check_policy_vocab(policy: str, task_name: str) -> dict[str, Any] | None:
+  """Refuses a policy trained on another vocabulary than `task_name`'s.
+
+  Returns the policy's recorded `vocab.json` (None, with a warning, for a policy written before
+  policies carried one).
+
+  Raises:
+    ValueError: the recorded sha256 differs from the task's (names both hashes).
+  """
+  path = os.path.join(policy_dir_of(policy), VOCAB_FILE)
+  if not fileio.exists(path):
+    logging.warning('%s has no %s: its vocabulary cannot be checked against %r', policy,
+                    VOCAB_FILE, task_name)
+    return None
+  recorded, want = fileio.read_json(path), vocab_info(task_name)
+  if recorded['sha256'] != want['sha256']:
+    raise ValueError(f"policy {policy} was trained on another vocabulary (sha256 "
+                     f"{recorded['sha256']}, task {recorded.get('task')!r}) than task "
+                     f"{task_name!r} uses (sha256 {want['sha256']}): its token ids would mean "
+                     'other pieces; use the matching task or policy')
+  return recorded
 
 
 def detokenizer(task_name: str) -> Callable[[Sequence[int]], str]:

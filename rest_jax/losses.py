@@ -499,18 +499,13 @@ def oac(model, params, batch, rng, *, value_coef: float = 0.5):
     mean_advantage (over valid rows)).
   """
   w = _weights(batch)
-  module = model.module
   enc_tokens = batch['encoder_input_tokens']
-  dropout = rng is not None
-  enc_rngs = dec_rngs = None
-  if dropout:
+  enc_rng = dec_rng = None
+  if rng is not None:
     enc_rng, dec_rng = jax.random.split(rng)
-    enc_rngs, dec_rngs = {'dropout': enc_rng}, {'dropout': dec_rng}
-  variables = {'params': params['policy']}
-  encoded = module.apply(variables, enc_tokens, enable_dropout=dropout, rngs=enc_rngs,
-                         method='encode')
-  logits = module.apply(variables, encoded, enc_tokens, batch['decoder_input_tokens'],
-                        enable_dropout=dropout, rngs=dec_rngs, method='decode')
+  encoded = model.encode(params['policy'], enc_tokens, enc_rng)
+  logits = model.decode(params['policy'], encoded, enc_tokens, batch['decoder_input_tokens'],
+                        dec_rng)
   token_logp = _target_logprobs(logits.astype(jnp.float32), batch['decoder_target_tokens'])
 
   reward = _row_float(batch, 'reward')

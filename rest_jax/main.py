@@ -7,6 +7,9 @@
         --gin.improve.init_policy_dir=... --gin.improve.rm_dir=... [--model_dir=DIR]
     rest-jax rest  --gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin [--workdir=DIR]
     rest-jax rest-em --gin_file=gin_configs/runs/rest_em_arithmetic_cpu.gin [--workdir=DIR]
+    rest-jax translate --gin_file=gin_configs/models/tiny.gin \
+        --policy=checkpoints/bc_tiny_libreoffice_de_en/params.npz [--input=F] [--output=F] \
+        [--method=greedy|beam|sample] [--num_decodes=N --rm_dir=DIR] [--jsonl]
 
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
@@ -41,6 +44,7 @@ def register_gin_configurables() -> None:
   from rest_jax import grow  # noqa: F401  (grow)
   from rest_jax.rewards import check, model, scoring, train_rm  # noqa: F401  (reward side)
   from rest_jax import filtering, improve, losses, rest, rest_em  # noqa: F401  (the loops)
+  from rest_jax import translate  # noqa: F401  (translate_lines)
   from rest_jax.models import encoder_decoder, transformer
   gin.external_configurable(transformer.TransformerConfig, 'TransformerConfig', module='models')
   gin.external_configurable(transformer.Transformer, 'Transformer', module='models')
@@ -108,17 +112,29 @@ def main(argv: Sequence[str] | None = None) -> None:
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
   parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'rest-em',
-                                          'compare_losses', 'train_rm', 'score', 'rm-check'])
+                                          'compare_losses', 'train_rm', 'score', 'rm-check',
+                                          'translate'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
   parser.add_argument('--workdir', default='workdir')
   parser.add_argument('--model_dir', default=None)
   parser.add_argument('--log_level', default='INFO')
+  # translate (each also a gin parameter of `translate_lines` when not given here):
+  parser.add_argument('--policy', default=None, help='run dir or .npz (translate)')
+  parser.add_argument('--input', default=None, help='source lines (translate; default stdin)')
+  parser.add_argument('--output', default=None, help='(translate; default stdout)')
+  parser.add_argument('--method', default=None, choices=['greedy', 'beam', 'sample'])
+  parser.add_argument('--num_decodes', type=int, default=None)
+  parser.add_argument('--rm_dir', default=None, help='reward model for best-of-N (translate)')
+  parser.add_argument('--jsonl', action='store_true', help='JSON lines with rewards (translate)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=args.log_level, format='%(asctime)s %(levelname)s %(message)s')
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  if args.command == 'translate' and not any(b.startswith('translate_lines.model')
+                                             for b in bindings):
+    bindings.insert(0, 'translate_lines.model = %MODEL')  # The model gin file's MODEL.
   parse_gin(args.gin_file, bindings, args.gin_search_path)
   _persistent_jit_cache(os.path.join(args.workdir, 'cache', 'jit'))
   model_dir = args.model_dir or os.path.join(args.workdir, 'bc')
@@ -127,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = train_lib.train(model_dir)
     logging.info('done: %d steps, %.1f training minutes', summary['steps'],
                  summary['train_seconds'] / 60)
-  elif args.command == 'eval':
-    train_lib.evaluate(model_dir)
+  elif args.command == 'eval':  # --model_dir may be an .npz: eval files go to <workdir>/eval.
+    train_lib.evaluate(model_dir, output_dir=os.path.join(args.workdir, 'eval')
+                       if model_dir.endswith('.npz') else None)
   elif args.command == 'grow':
     from rest_jax import grow as grow_lib
     try:
@@ -171,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   elif args.command == 'rest-em':
     from rest_jax import rest_em as rest_em_lib
     rest_em_lib.rest_em(args.workdir)
+  elif args.command == 'translate':
+    from rest_jax import translate as translate_lib
+    kw = {k: v for k, v in dict(policy=args.policy, method=args.method,
+                                num_decodes=args.num_decodes, rm_dir=args.rm_dir).items()
+          if v is not None}
+    translate_lib.run(args.input, args.output, jsonl=args.jsonl, **kw)
   elif args.command == 'compare_losses':
     from rest_jax import rest as rest_lib
     rest_lib.compare_losses(args.workdir)

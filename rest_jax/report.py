@@ -10,13 +10,12 @@ test BLEU falls by more than `alarm_bleu_drop` points, against the previous stag
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from rest_jax import trainer as trainer_lib
+from rest_jax import fileio
 
 STAGE_KEYS = ('name', 'grow', 'improve', 'tau', 'loss', 'num_train_records', 'train_references',
               'distinct_sources',
@@ -225,7 +224,7 @@ def write_report(workdir: str, report: dict) -> None:
                                        scoring.read_scored_records(g['scored_dir'])])
                   for g in report['grows']}
   report['plots'] = [os.path.relpath(p, workdir) for p in plots(workdir, report, grow_rewards)]
-  trainer_lib.write_json(os.path.join(workdir, 'report.json'), report)
+  fileio.write_json(os.path.join(workdir, 'report.json'), report)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(markdown(report))
   print(markdown(report))
@@ -334,7 +333,7 @@ def rest_em_plots(workdir: str, report: dict) -> list[str]:
 def write_rest_em_report(workdir: str, report: dict) -> None:
   """Writes ReST-EM's `report.json`, `report.md` and plots into `workdir`, and prints the md."""
   report['plots'] = [os.path.relpath(p, workdir) for p in rest_em_plots(workdir, report)]
-  trainer_lib.write_json(os.path.join(workdir, 'report.json'), report)
+  fileio.write_json(os.path.join(workdir, 'report.json'), report)
   text = rest_em_markdown(report)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(text)

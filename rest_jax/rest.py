@@ -28,13 +28,13 @@ import time
 from typing import Any, Sequence
 
 import gin
-import jax
 import numpy as np
 from tqdm import tqdm
 
+from rest_jax import fileio
 from rest_jax import data as data_lib
 from rest_jax import evaluation, filtering, grow as grow_lib, improve as improve_lib
-from rest_jax import input_pipeline, partitioning, report as report_lib
+from rest_jax import input_pipeline, partitioning, records as records_lib, report as report_lib
 from rest_jax import trainer as trainer_lib
 from rest_jax.rewards import metrics as metrics_lib
 
@@ -53,7 +53,7 @@ def _mark_done(stage_dir: str, result: dict) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   with open(os.path.join(stage_dir, 'config.gin'), 'w') as f:
     f.write(gin.config_str())
-  trainer_lib.write_json(os.path.join(stage_dir, STAGE_FILE), result)
+  fileio.write_json(os.path.join(stage_dir, STAGE_FILE), result)
   return result
 
 
@@ -76,12 +76,15 @@ def _policy_params(model, policy_dir: str, mesh):
 
 def import_policy(model_dir: str, model, params_file: str) -> dict:
   """Makes `model_dir` a BC run whose best checkpoint holds the params of `params_file` (.npz)."""
-  params_file = trainer_lib.params_file_path(params_file)
-  params = trainer_lib.load_params_npz(
+  params_file = fileio.repo_path(params_file)
+  params = fileio.load_params_npz(
       params_file, trainer_lib.abstract_params(model, partitioning.create_mesh()))
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='imported')
   ckpt.save_best(trainer_lib.TrainState(step=np.int32(0), params=params, opt_state=None),
                  {'imported': 1.0})
+  vocab = os.path.join(input_pipeline.policy_dir_of(params_file), input_pipeline.VOCAB_FILE)
+  if fileio.exists(vocab):  # The imported policy keeps its vocabulary's record.
+    fileio.write_json(os.path.join(model_dir, input_pipeline.VOCAB_FILE), fileio.read_json(vocab))
   return {'imported_from': os.path.abspath(params_file)}
 
 
@@ -103,17 +106,7 @@ def write_translations(path: str, data: input_pipeline.TaskData, translations: S
   for row in zip(data.keys, data.inputs, data.targets, translations, rewards, oracle):
     rows.append(dict(zip(TRANSLATION_FIELDS, row[:4] + tuple(round(float(v), 6)
                                                               for v in row[4:]))))
-  write_jsonl(path, rows)
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-  """One JSON object a line (UTF-8, not ASCII-escaped), written to a temporary file and renamed
-  (no partial file)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + '\n')
-  os.replace(path + '.tmp', path)
+  fileio.write_jsonl(path, rows)
 
 
 def rank_agreement(reward: np.ndarray, oracle: np.ndarray) -> float:
@@ -236,7 +229,7 @@ def rest(workdir: str,
     workdir: the run's folder (stages, report). Rerunning resumes a killed loop.
     model: the policy's `EncoderDecoderModel` (gin: `MODEL`).
     task: SeqIO task (train sources for Grow; dev and test splits for evaluation).
-    bc_params_file: start from this shipped policy (`trainer.save_params_npz` file) ...
+    bc_params_file: start from this shipped policy (`fileio.save_params_npz` file) ...
     bc_policy_dir: ... or from this `rest-jax train` run; with neither, `bc/` is trained here by
       `train.train` (its gin bindings: `train.max_minutes`, ...).
     num_grow_steps: G. num_improve_steps: I, the last Improve step index of each Grow: steps
@@ -284,7 +277,7 @@ def rest(workdir: str,
   if rm_dir and (retrain_rm or reward != 'rm'):
     raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
                      f"reward='rm' (not {reward!r}) and retrain_rm=False")
-  given_rm_dir = os.path.abspath(trainer_lib.params_file_path(rm_dir)) if rm_dir else None
+  given_rm_dir = os.path.abspath(fileio.repo_path(rm_dir)) if rm_dir else None
 
   # -- BC ------------------------------------------------------------------------------------------
   bc_dir = os.path.join(workdir, 'bc')
@@ -422,12 +415,11 @@ def compare_losses(workdir: str,
                                         max_examples=dev_examples)
   test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
                                          max_examples=test_examples)
-  with open(os.path.join(workdir, f'grow_{grow_step}', 'settings.json')) as f:
-    start_policy = json.load(f)['settings']['policy_dir']
+  start_policy = records_lib.read_settings(os.path.join(workdir, f'grow_{grow_step}'),
+                                      ('policy_dir',))['policy_dir']
   scored_dir = os.path.join(workdir, f'scored_{grow_step}')
   bc_dir = os.path.join(workdir, 'bc')
-  with open(os.path.join(scored_dir, 'settings.json')) as f:
-    scored = json.load(f)['settings']
+  scored = records_lib.read_settings(scored_dir, ('rm_dir', 'grow_dir'))
   reward = scored['reward']  # The loop's reward: 'rm' or a metric, and its reward model.
   rm_dir = scored.get('rm_dir')  # (<workdir>/rm when that path is gone: a moved work directory)
   rm_dir = rm_dir if rm_dir and os.path.isdir(rm_dir) else os.path.join(workdir, 'rm')
@@ -478,7 +470,7 @@ def compare_losses(workdir: str,
                                                 'test_bleu', 'test_chrf')},
             'start_policy': start_policy, 'losses': rows, 'taus': taus[:num_improve_steps + 1],
             'mode': mode, 'reward': reward, 'bleu_signature': start['bleu_signature']}
-  trainer_lib.write_json(os.path.join(workdir, 'losses.json'), result)
+  fileio.write_json(os.path.join(workdir, 'losses.json'), result)
   f2 = report_lib.fmt
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
            f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '

@@ -50,9 +50,9 @@ from typing import Any, Mapping, Sequence
 import gin
 import numpy as np
 
+from rest_jax import fileio
 from rest_jax import data as data_lib, evaluation, grow as grow_lib, improve as improve_lib, input_pipeline
 from rest_jax import partitioning, report as report_lib, rest as rest_lib
-from rest_jax import trainer as trainer_lib
 from rest_jax.rewards import verifiers
 
 CONTROLS = ('sft_same_data', 'unfiltered', 'more_sft')
@@ -126,7 +126,7 @@ def evaluate_solver(model, policy_dir: str, data: Mapping[str, input_pipeline.Ta
       rows = [dict(key=k, problem=x, reference=y, output=scorer.detokenize(i), reward=v.reward,
                    reason=v.reason)
               for k, x, y, i, v in zip(d.keys, d.inputs, d.targets, ids, verdicts)]
-      rest_lib.write_jsonl(os.path.join(out_dir, f'{split}_outputs.jsonl'), rows)
+      fileio.write_jsonl(os.path.join(out_dir, f'{split}_outputs.jsonl'), rows)
   if sampled_split:
     d = data[sampled_split]
     enc = d.arrays['encoder_input_tokens']
@@ -216,7 +216,7 @@ def rest_em(workdir: str,
     model: the policy's `EncoderDecoderModel` (gin: `MODEL`).
     task: a problem-solving SeqIO task with splits train (gold SFT set), `pool_split`,
       validation and `eval_splits` ('arithmetic_chain', 'gsm8k').
-    base_params_file: start from this shipped base model (`trainer.save_params_npz` file) ...
+    base_params_file: start from this shipped base model (`fileio.save_params_npz` file) ...
     base_policy_dir: ... or from this `rest-jax train` run; with neither, `base/` is trained here
       by `train.train` (gin: `train.dev_metric = 'verifier'`).
     num_iterations: EM iterations (paper: 3; it overfit after 2-3).

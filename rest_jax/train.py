@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from rest_jax import fileio
 from rest_jax import data as data_lib
 from rest_jax import evaluation, input_pipeline, partitioning, trainer as trainer_lib
 
@@ -83,7 +84,7 @@ def train(model_dir: str,
     seed: run seed (init, data order, dropout).
     max_train_examples: train on the first pairs of the split only (None: all).
     init_params_dir: start from the params of this run (fresh optimizer), e.g. a BC policy, or
-      of a `trainer.save_params_npz` file (a path ending in `.npz`, e.g. the shipped policy;
+      of a `fileio.save_params_npz` file (a path ending in `.npz`, e.g. the shipped policy;
       relative paths not found here are read relative to the repository).
     train_data: an `input_pipeline.TaskData` to train on instead of `task`'s train split (Improve).
 
@@ -101,6 +102,10 @@ def train(model_dir: str,
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=eval_examples)
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
+  if init_params_dir:
+    input_pipeline.check_policy_vocab(init_params_dir, task)
+  if jax.process_index() == 0:
+    input_pipeline.write_policy_vocab(model_dir, task)
   detok = input_pipeline.detokenizer(task)
   logging.info('train: %d pairs (%d truncated); dev subset: %d', len(train_data),
                train_data.num_truncated, len(dev))
@@ -112,11 +117,7 @@ def train(model_dir: str,
   init_params = None
   if init_params_dir:
     abstract = t.abstract_state(shapes).params
-    if init_params_dir.endswith('.npz'):
-      init_params = trainer_lib.load_params_npz(trainer_lib.params_file_path(init_params_dir),
-                                                abstract)
-    else:
-      init_params = trainer_lib.restore_params(init_params_dir, abstract)
+    init_params = trainer_lib.restore_policy(init_params_dir, abstract)
   state = t.init_state(shapes, params=init_params)
   verifier = None
   if dev_metric != 'bleu':
@@ -199,7 +200,7 @@ def train(model_dir: str,
     if step % checkpoint_every_steps == 0:
       summary['train_seconds'] = train_seconds
       ckpt.save(state)
-      trainer_lib.write_json(summary_path, summary)
+      fileio.write_json(summary_path, summary)
       clock = time.perf_counter()
   bar.close()
   train_seconds += time.perf_counter() - clock
@@ -212,7 +213,7 @@ def train(model_dir: str,
   summary.update(steps=step, train_seconds=train_seconds, final_dev=final_dev,
                  best_dev=ckpt.best_metrics(), task=task, batch_size=batch_size)
   ckpt.save(state)
-  trainer_lib.write_json(summary_path, summary)
+  fileio.write_json(summary_path, summary)
   if writer:
     writer.flush()
   return summary
@@ -229,7 +230,7 @@ def _test_eval(model, params, task, inputs_length, targets_length, cache, detok,
   return dict(m, minutes=mark, step=step, reached=reached)
 
 
-@gin.configurable(denylist=['model_dir'])
+@gin.configurable(denylist=['model_dir', 'output_dir'])
 def evaluate(model_dir: str,
              model=gin.REQUIRED,
              task: str = 'libreoffice_help_de_en',
@@ -240,17 +241,28 @@ def evaluate(model_dir: str,
              method: str = 'greedy',
              beam_size: int = 4,
              batch_size: int = 64,
-             max_examples: int | None = None) -> dict[str, Any]:
-  """Translates the `splits` of `task` with the best (else latest) params in `model_dir`.
+             max_examples: int | None = None,
+             output_dir: str | None = None) -> dict[str, Any]:
+  """Translates the `splits` of `task` with the best (else latest) params in `model_dir`, or
+  with the params of an `.npz` (`trainer.restore_policy`, e.g. a shipped policy).
 
-  Writes `model_dir/eval_<split>.json` (metrics with sacreBLEU signatures) and
-  `model_dir/eval_<split>.hyp.txt` (one hypothesis a line). `max_examples` limits each split to
-  its first pairs (None: all).
+  Writes `<output_dir>/eval_<split>.json` (metrics with sacreBLEU signatures) and
+  `<output_dir>/eval_<split>.hyp.txt` (one hypothesis a line); output_dir defaults to
+  `model_dir` (required for an `.npz`). `max_examples` limits each split to its first pairs
+  (None: all).
+
+  Raises:
+    ValueError: an `.npz` without output_dir; a policy of another vocabulary.
   """
+  if output_dir is None:
+    if model_dir.endswith('.npz'):
+      raise ValueError('evaluating an .npz needs an output_dir for its eval files')
+    output_dir = model_dir
   mesh = partitioning.create_mesh()
-  params = trainer_lib.restore_params(model_dir, trainer_lib.abstract_params(model, mesh))
-  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
+  input_pipeline.check_policy_vocab(model_dir, task)
+  params = trainer_lib.restore_policy(model_dir, trainer_lib.abstract_params(model, mesh))
+  cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
   detok = input_pipeline.detokenizer(task)
   results = {}
   for split in splits:
@@ -262,8 +274,8 @@ def evaluate(model_dir: str,
     m.update(method=method, split=split, task=task)
     print(f'{task}/{split} ({method}): {evaluation.format_metrics(m)}')
     print(f'  chrF signature: {m["chrf_signature"]}')
-    trainer_lib.write_json(os.path.join(model_dir, f'eval_{split}.json'), m)
-    with open(os.path.join(model_dir, f'eval_{split}.hyp.txt'), 'w') as f:
-      f.write('\n'.join(h.replace('\n', ' ') for h in hyps) + '\n')
+    fileio.write_json(os.path.join(output_dir, f'eval_{split}.json'), m)
+    fileio.write_text(os.path.join(output_dir, f'eval_{split}.hyp.txt'),
+                      '\n'.join(h.replace('\n', ' ') for h in hyps) + '\n')
     results[split] = m
   return results

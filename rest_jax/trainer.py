@@ -18,7 +18,6 @@ training, or a ReST loss (`rest_jax.losses`) for Improve. Nothing here imports T
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -28,12 +27,12 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from rest_jax import partitioning
+from rest_jax.models import base
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
@@ -94,10 +93,14 @@ class Trainer:
   """Owns the mesh, the shardings and the jitted steps of one training run.
 
   Args:
-    model: an `EncoderDecoderModel` (t5x-style: `get_initial_variables`, `loss_fn`).
+    model: a `models.base.BaseModel` (t5x-style: `get_initial_variables`, `loss_fn`), e.g. an
+      `EncoderDecoderModel`.
     optimizer: an optax transformation (e.g. `make_optimizer()`).
     mesh: a `Mesh(('data', 'model'))` (see `partitioning.create_mesh`).
     loss_fn: `loss_fn(params, batch, rng) -> (loss, metrics)`; default `model.loss_fn`.
+
+  Raises:
+    TypeError: `model` is not a `BaseModel`.
     num_microbatches: gradient accumulation: the batch is split into this many microbatches whose
       gradients are averaged (the batch size must be a multiple of it).
     seed: the run's seed; the dropout RNG of step s is `fold_in(PRNGKey(seed), s)`.
@@ -105,6 +108,7 @@ class Trainer:
 
   def __init__(self, model, optimizer: optax.GradientTransformation, mesh: Mesh,
                loss_fn: LossFn | None = None, num_microbatches: int = 1, seed: int = 0):
+    base.check_model(model)
     self.model = model
     self.optimizer = optimizer
     self.mesh = mesh
@@ -322,11 +326,25 @@ class Checkpointer:
 def abstract_params(model, mesh) -> Any:
   """`model`'s params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
 
-  The layout to restore a policy into (`restore_params`, `load_params_npz`) or to `device_put`
+  The layout to restore a policy into (`restore_params`, `fileio.load_params_npz`) or to `device_put`
   given params with; param shapes do not depend on the batch, so a [1, 16] dummy batch traces it.
   """
   shapes = {'encoder_input_tokens': (1, 16), 'decoder_input_tokens': (1, 16)}
   return Trainer(model, make_optimizer(), mesh).abstract_state(shapes).params
+
+
+def restore_policy(policy: str, target_params: Any) -> Any:
+  """A policy's params: `policy` is a run dir (`restore_params`) or an `.npz` of
+  `fileio.save_params_npz` (a repository path such as the shipped
+  `checkpoints/bc_tiny_libreoffice_de_en/params.npz` works from any directory).
+
+  Raises:
+    FileNotFoundError: no checkpoint / file. ValueError: an `.npz` of another model.
+  """
+  from rest_jax import fileio
+  if policy.endswith('.npz'):
+    return fileio.load_params_npz(fileio.repo_path(policy), target_params)
+  return restore_params(policy, target_params)
 
 
 def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
@@ -357,54 +375,3 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={'params': abstract}, restore_args=restore_args, partial_restore=True)))
   return restored.state['params']
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON atomically (a killed run never leaves half a file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=lambda x: np.asarray(x).tolist())
-  os.replace(tmp, path)
-
-
-def params_file_path(path: str) -> str:
-  """`path` as given if it exists or is absolute, else relative to the repository (shipped files)."""
-  if os.path.exists(path) or os.path.isabs(path):
-    return path
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-
-
-def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
-  """Writes params as one compressed `.npz` (keys: '/'-joined tree paths), cast to `dtype`.
-
-  For shipping a small policy with the repository (float16 halves the size; the tiny policy's
-  weights are far inside its range). Written atomically.
-  """
-  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
-  tmp = path + '.tmp.npz'
-  np.savez_compressed(tmp, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})
-  os.replace(tmp, path)
-
-
-def load_params_npz(path: str, target_params: Any) -> Any:
-  """Params from `save_params_npz`, cast to and laid out like `target_params` (abstract or not).
-
-  Raises:
-    ValueError: the file's tree paths or shapes differ from `target_params`'s (names them).
-  """
-  flat_target = flax.traverse_util.flatten_dict(target_params, sep='/')
-  with np.load(path) as f:
-    stored = {k: f[k] for k in f.files}
-  if set(stored) != set(flat_target):
-    raise ValueError(f'{path}: parameter names differ from the model: missing '
-                     f'{sorted(set(flat_target) - set(stored))[:5]}, unexpected '
-                     f'{sorted(set(stored) - set(flat_target))[:5]}')
-  out = {}
-  for k, t in flat_target.items():
-    if stored[k].shape != tuple(t.shape):
-      raise ValueError(f'{path}: {k} has shape {stored[k].shape}, the model {tuple(t.shape)}')
-    v = stored[k].astype(t.dtype)
-    sharding = getattr(t, 'sharding', None)
-    out[k] = jax.device_put(v, sharding) if sharding is not None else jax.numpy.asarray(v)
-  return flax.traverse_util.unflatten_dict(out, sep='/')

@@ -6,6 +6,7 @@ import os
 import gin
 import pytest
 
+from rest_jax import fileio
 from rest_jax import main as main_lib
 
 SMALL = [
@@ -87,7 +88,7 @@ def test_train_starts_from_an_npz_policy(tmp_path, monkeypatch):
   base = ['--gin_file=gin_configs/runs/train_bc.gin'] + SMALL + ['--gin.train.num_steps=1']
   run(['train', f'--workdir={tmp_path / "a"}'] + base)
   npz = str(tmp_path / 'policy.npz')  # Run a's initial params, float32 (an exact round trip).
-  trainer_lib.save_params_npz(npz, flax.traverse_util.unflatten_dict(starts[0], sep='/'),
+  fileio.save_params_npz(npz, flax.traverse_util.unflatten_dict(starts[0], sep='/'),
                               dtype=np.float32)
   run(['train', f'--workdir={tmp_path / "b"}', '--gin.train.seed=1'] + base)
   run(['train', f'--workdir={tmp_path / "c"}', '--gin.train.seed=1'] + base
@@ -111,3 +112,33 @@ def test_every_run_config_parses(name):
     assert isinstance(config, rm_model.RewardModelConfig)
     assert config.emb_dim == {'train_rm.gin': 32, 'train_rm_small.gin': 64}[name]
   gin.clear_config()
+
+
+def test_translate_a_file_with_the_shipped_policy_as_eval_does(tmp_path, capsys):
+  """`rest-jax translate` of test sources = `rest-jax eval`'s greedy translations of them; a
+  policy of another vocabulary is refused with both hashes."""
+  from rest_jax import input_pipeline
+  npz = 'checkpoints/bc_tiny_libreoffice_de_en/params.npz'
+  work = str(tmp_path / 'work')
+  main_lib.main(['eval', '--gin_file=models/tiny.gin', f'--model_dir={npz}', f'--workdir={work}',
+                 '--gin.evaluate.model=%MODEL', "--gin.evaluate.splits=('test',)",
+                 '--gin.evaluate.max_examples=6'])
+  hyps = open(os.path.join(work, 'eval', 'eval_test.hyp.txt')).read().splitlines()
+  gin.clear_config()
+  test = input_pipeline.cached_task_data('libreoffice_help_de_en', 'test', 128, 128,
+                                         os.path.join(work, 'cache'), max_examples=6)
+  src = tmp_path / 'de.txt'
+  src.write_text('\n'.join(test.inputs[:3] + [''] + test.inputs[3:]) + '\n', encoding='utf-8')
+  main_lib.main(['translate', '--gin_file=models/tiny.gin', f'--policy={npz}',
+                 f'--input={src}', f'--output={tmp_path / "en.txt"}', f'--workdir={work}'])
+  got = (tmp_path / 'en.txt').read_text(encoding='utf-8').splitlines()
+  assert got == hyps[:3] + [''] + hyps[3:] and len(hyps) == 6 and all(hyps)
+  gin.clear_config()
+  with pytest.raises(ValueError, match=r'another vocabulary \(sha256 29ec9d88.*sha256 b9579002'):
+    main_lib.main(['translate', '--gin_file=models/tiny.gin', f'--workdir={work}',
+                   '--policy=checkpoints/base_tiny_math_arithmetic_chain/params.npz',
+                   f'--input={src}'])
+  gin.clear_config()
+  with pytest.raises(ValueError, match='learned reward model'):
+    main_lib.main(['translate', '--gin_file=models/tiny.gin', f'--policy={npz}',
+                   f'--input={src}', '--method=sample', '--num_decodes=4', f'--workdir={work}'])

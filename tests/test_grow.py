@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rest_jax import grow as grow_lib
-from rest_jax import input_pipeline, partitioning, trainer as trainer_lib
+from rest_jax import input_pipeline, partitioning, records as records_lib, trainer as trainer_lib
 from rest_jax.models import EncoderDecoderModel, Transformer, TransformerConfig
 
 V, N, L, CHUNK = 32, 4, 8, 5
@@ -85,7 +85,7 @@ def assert_same_records(a, b):
   assert len(a) == len(b)
   for ra, rb in zip(a, b):
     for k in ra:
-      if k in grow_lib.FLOAT_FIELDS:
+      if k in records_lib.FLOAT_FIELDS:
         np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-5)
       else:
         assert ra[k] == rb[k], (k, ra, rb)
@@ -124,6 +124,9 @@ def test_records_and_counts(straight, policy):
   np.testing.assert_allclose(scores, [r['logprob_policy'] for r in done], rtol=1e-4, atol=1e-4)
   s = [r for r in records if r['origin'] == 'sample']
   assert all(r['logprob_sampling'] < 0 for r in s)
+  # Record format 2: a reference was never sampled, so it has no sampling log-prob.
+  assert all(np.isnan(r['logprob_sampling']) for r in records if r['origin'] == 'reference')
+  assert manifest['settings']['record_format'] == records_lib.RECORD_FORMAT == 2
   assert any(abs(r['logprob_sampling'] - r['logprob_policy']) > 1e-3 for r in s)  # T != 1
 
 
@@ -141,6 +144,7 @@ def test_same_records_on_any_mesh_and_batch(straight, policy, tmp_path, name, nu
 
 
 def test_kill_and_resume_is_byte_identical(straight, policy, tmp_path):
+  tmp_path = tmp_path / 'resumed'  # (so the policy lies outside its work dir, as for `straight`)
   with pytest.raises(grow_lib.GrowInterrupted):
     run_grow(tmp_path, policy, _stop_after_chunks=2)
   assert not (tmp_path / 'manifest.json').exists()

@@ -301,3 +301,46 @@ def test_bfloat16_compute():
   logits = jit(model.compute_logits)(PARAMS, batch)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, LOGITS(PARAMS, batch), atol=0.15)
+
+
+def test_hidden_states_and_encode_decode_match_logits():
+  batch = make_batch(3)
+  logits = LOGITS(PARAMS, batch)
+  got, hidden = jit(functools.partial(MODEL.compute_logits, return_hidden=True))(PARAMS, batch)
+  assert hidden.shape == (4, 6, TINY.emb_dim)
+  np.testing.assert_array_equal(got, logits)
+  # The hidden states are what the output projection reads: logits = h E^T / sqrt(emb_dim).
+  emb = PARAMS['token_embedder']['embedding']
+  np.testing.assert_allclose(hidden @ emb.T / np.sqrt(TINY.emb_dim), logits, atol=1e-4)
+  # encode / decode are the two halves of compute_logits, also under dropout.
+  rng = jax.random.PRNGKey(4)
+  enc = MODEL.encode(PARAMS, batch['encoder_input_tokens'])
+  np.testing.assert_allclose(
+      MODEL.decode(PARAMS, enc, batch['encoder_input_tokens'], batch['decoder_input_tokens']),
+      logits, atol=1e-5)
+  with_dropout = MODEL.compute_logits(PARAMS, batch, rng)
+  assert not np.allclose(with_dropout, logits)  # dropout 0.1 is on with an rng
+
+
+def test_decoding_methods_are_a_registry():
+  from rest_jax import decoding, trainer as trainer_lib
+  with pytest.raises(ValueError, match=r"Unknown decoding method 'nucleus'.*'beam', 'greedy'"):
+    MODEL.predict_batch(PARAMS, make_batch(1), method='nucleus', max_decode_len=5)
+  name = 'first_token_test'
+  if name not in decoding.DECODE_FNS:
+    @decoding.register_decode_fn(name)
+    def _always_five(cache, tokens_to_logits, *, batch_size, max_decode_len, num_decodes=1,
+                     **unused):
+      tokens = jnp.full((batch_size, num_decodes, max_decode_len), 5, jnp.int32)
+      return tokens, {'lengths': jnp.full((batch_size, num_decodes), max_decode_len)}
+  tokens, aux = MODEL.predict_batch(PARAMS, make_batch(1), method=name, num_decodes=2,
+                                    max_decode_len=3)
+  assert tokens.shape == (4, 2, 3) and (np.asarray(tokens) == 5).all()
+  with pytest.raises(ValueError, match='already registered'):
+    decoding.register_decode_fn('greedy')(lambda *a, **k: None)
+  # Models are declared, not duck-typed: the trainer refuses anything else, naming the interface.
+  class Duck:
+    def loss_fn(self, params, batch, rng):
+      return 0.0, {}
+  with pytest.raises(TypeError, match='Duck is not a rest_jax.models.base.BaseModel'):
+    trainer_lib.Trainer(Duck(), optax.sgd(0.1), mesh=None)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import sacrebleu
 
+from rest_jax import records as records_lib
 from rest_jax import grow as grow_lib
-from rest_jax import input_pipeline, trainer as trainer_lib
+from rest_jax import input_pipeline
 from rest_jax.rewards import check, metrics, scoring, train_rm
 from rest_jax.rewards import model as rm_model
 
@@ -221,9 +222,8 @@ def grow_dir(tmp_path_factory):
   records = [grow_records(i, rng) for i in range(N_SOURCES)]
   for k in range(K):
     recs = [r for rs in records[k * CHUNK:(k + 1) * CHUNK] for r in rs]
-    grow_lib.write_records(str(d / f'grow-{k:05d}-of-{K:05d}.tfrecord'), recs)
-    trainer_lib.write_json(str(d / f'grow-{k:05d}.done'), {'records': len(recs)})
-  trainer_lib.write_json(str(d / 'manifest.json'), {
+    records_lib.write_chunk(str(d), records_lib.GROW, k, K, recs, {'records': len(recs)})
+  records_lib.write_manifest(str(d), {
       'counts': {'chunks': K, 'records': N_SOURCES * 4}, 'settings_hash': 'synthetic'})
   return d
 
@@ -309,7 +309,7 @@ def test_scoring_is_resumable_and_byte_identical(rm_dir, grow_dir, tmp_path):
   records = scoring.read_scored_records(str(tmp_path / 'straight'))
   grow_records_ = grow_lib.read_grow_records(str(grow_dir))
   assert [r['key'] for r in records] == [r['key'] for r in grow_records_]
-  assert set(records[0]) == set(grow_lib.RECORD_FIELDS) | {'reward', 'reward_raw', 'bleu',
+  assert set(records[0]) == set(records_lib.RECORD_FIELDS) | {'reward', 'reward_raw', 'bleu',
                                                            'chrf', 'ter'}
   scorer = rm_model.load_reward_model(str(rm_dir[0]), tokenize=tokenize)
   raw = scorer.raw_scores([r['source_ids'] for r in records], [r['candidate_ids'] for r in records])
@@ -351,13 +351,13 @@ class NanScorer:
 def test_scoring_rejects_nan_naming_chunk_and_record(grow_dir, tmp_path, monkeypatch):
   bad = 'pair-5/grow_1/sample_1'  # chunk 1 (sources 4..7), record 6 of the chunk.
   scorer = NanScorer(bad)
-  orig = scoring._read_chunk
+  orig = records_lib.read_records
 
   def read(path):
     records = orig(path)
     scorer.keys = [r['key'] for r in records]
     return records
-  monkeypatch.setattr(scoring, '_read_chunk', read)
+  monkeypatch.setattr(records_lib, 'read_records', read)
   with pytest.raises(ValueError, match=rf'grow-00001-of-0000{K}\.tfrecord: record 6 '
                                        rf"\(key '{bad}'\) has a non-finite reward_raw"):
     scoring.score(str(tmp_path), grow_dir=str(grow_dir), task='tiny', scorer=scorer)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rest_jax.models import base
 from rest_jax.models.transformer import EOS_ID, PAD_ID, Transformer
 
 Array = jax.Array
@@ -79,8 +80,8 @@ def shift_right(targets: Array) -> Array:
   return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
 
 
-class EncoderDecoderModel:
-  """Encoder-decoder model wrapper with t5x's interface.
+class EncoderDecoderModel(base.PolicyModel):
+  """Encoder-decoder model wrapper with t5x's interface (`base.PolicyModel`).
 
   Args:
     module: a ``Transformer`` flax module.
@@ -122,9 +123,30 @@ class EncoderDecoderModel:
   # ---------------------------------------------------------------------------
   # Teacher-forced computations.
   # ---------------------------------------------------------------------------
+  def encode(self, params: PyTree, encoder_input_tokens: Array,
+             dropout_rng: Optional[Array] = None) -> Array:
+    """[batch, src_len] int32 -> encoder states [batch, src_len, emb_dim] (dropout iff rng)."""
+    rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+    return self.module.apply({'params': params}, encoder_input_tokens,
+                             enable_dropout=dropout_rng is not None, rngs=rngs,
+                             method=Transformer.encode)
+
+  def decode(self, params: PyTree, encoded: Array, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, dropout_rng: Optional[Array] = None,
+             return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    """Teacher-forced logits [batch, tgt_len, vocab] float32 from encoder states; with
+    `return_hidden`, also the decoder's final hidden states [batch, tgt_len, emb_dim]
+    (`Transformer.decode`). Dropout iff `dropout_rng` is given."""
+    rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+    return self.module.apply({'params': params}, encoded, encoder_input_tokens,
+                             decoder_input_tokens, enable_dropout=dropout_rng is not None,
+                             rngs=rngs, return_hidden=return_hidden, method=Transformer.decode)
+
   def compute_logits(self, params: PyTree, batch: Batch,
-                     dropout_rng: Optional[Array] = None) -> Array:
-    """Teacher-forced logits [batch, tgt_len, vocab] float32.
+                     dropout_rng: Optional[Array] = None,
+                     return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    """Teacher-forced logits [batch, tgt_len, vocab] float32 (with `return_hidden`, also the
+    decoder's final hidden states [batch, tgt_len, emb_dim], see `decode`).
 
     Dropout is enabled iff ``dropout_rng`` is given.
     """
@@ -132,7 +154,7 @@ class EncoderDecoderModel:
     return self.module.apply(
         {'params': params}, batch['encoder_input_tokens'],
         batch['decoder_input_tokens'], enable_dropout=dropout_rng is not None,
-        rngs=rngs)
+        rngs=rngs, return_hidden=return_hidden)
 
   def token_logprobs(self, params: PyTree, batch: Batch,
                      dropout_rng: Optional[Array] = None) -> Array:
@@ -236,7 +258,7 @@ class EncoderDecoderModel:
                     temperature: float = 1.0, topk: int = 0, topp: float = 0.0,
                     max_decode_len: Optional[int] = None, beam_alpha: float = 0.6
                     ) -> tuple[Array, dict[str, Array]]:
-    """Decodes ``num_decodes`` outputs per source with ``rest_jax.decoding``.
+    """Decodes ``num_decodes`` outputs per source with a registered decoding method.
 
     Args:
       params: model params.
@@ -244,9 +266,10 @@ class EncoderDecoderModel:
         (or 'decoder_target_tokens') fixes the default max_decode_len.
       rng: PRNG key (required for method='sample'); see
         ``decoding.temperature_sample`` for per-source keys.
-      method: 'greedy' (num_decodes must be 1), 'sample' (temperature / top-k /
-        top-p sampling), 'beam' (beam search with beam size num_decodes and the
-        GNMT length penalty alpha=beam_alpha).
+      method: a name in ``decoding.DECODE_FNS``: 'greedy' (num_decodes must be 1),
+        'sample' (temperature / top-k / top-p sampling), 'beam' (beam search with beam
+        size num_decodes and the GNMT length penalty alpha=beam_alpha), or one a user
+        registered with ``decoding.register_decode_fn``.
     Returns:
       tokens [batch, num_decodes, max_decode_len] int32 (EOS kept, 0 after), and
       aux with 'logprobs' [batch, num_decodes] f32: log-likelihood in nats under
@@ -255,41 +278,19 @@ class EncoderDecoderModel:
       sampling distribution: tempered, top-k/p-renormalised; 0 for greedy),
       'token_logprobs' and 'token_logprobs_policy' [batch, N, len]. Beam adds
       'scores' [batch, N] (length-normalised, beams best first).
+    Raises:
+      ValueError: an unregistered method, greedy with num_decodes > 1, sample without rng.
     """
     from rest_jax import decoding  # Local import: decoding imports no model code.
 
+    fn = decoding.decode_fn(method)
     enc = batch['encoder_input_tokens']
-    batch_size = enc.shape[0]
     if max_decode_len is None:
       ref = batch.get('decoder_input_tokens', batch.get('decoder_target_tokens'))
       if ref is None:
         raise ValueError('max_decode_len is required without decoder tokens.')
       max_decode_len = ref.shape[1]
     cache = self.init_decode_cache(params, enc, max_decode_len)
-    tokens_to_logits = self.make_tokens_to_logits(params)
-    common = dict(batch_size=batch_size, max_decode_len=max_decode_len, eos_id=EOS_ID)
-
-    if method == 'beam':
-      out = decoding.beam_search(cache, tokens_to_logits, beam_size=num_decodes,
-                                 alpha=beam_alpha, **common)
-      return out.tokens, {'logprobs': out.logprobs, 'scores': out.scores,
-                          'lengths': out.lengths}
-    if method == 'greedy':
-      if num_decodes != 1:
-        raise ValueError('greedy decoding needs num_decodes == 1.')
-      out = decoding.greedy_decode(cache, tokens_to_logits, **common)
-    elif method == 'sample':
-      if rng is None:
-        raise ValueError("method='sample' needs an rng.")
-      out = decoding.temperature_sample(
-          cache, tokens_to_logits, rng=rng, num_decodes=num_decodes,
-          temperature=temperature, topk=topk, topp=topp, **common)
-    else:
-      raise ValueError(f'Unknown decoding method {method!r}.')
-    return out.tokens, {
-        'logprobs': out.sequence_logprob_policy,
-        'sampling_logprobs': out.sequence_logprob,
-        'token_logprobs': out.token_logprobs,
-        'token_logprobs_policy': out.token_logprobs_policy,
-        'lengths': out.lengths,
-    }
+    return fn(cache, self.make_tokens_to_logits(params), batch_size=enc.shape[0],
+              max_decode_len=max_decode_len, eos_id=EOS_ID, num_decodes=num_decodes, rng=rng,
+              temperature=temperature, topk=topk, topp=topp, beam_alpha=beam_alpha)

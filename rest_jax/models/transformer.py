@@ -436,7 +436,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Optional[Array], encoder_input_tokens: Optional[Array],
                decoder_input_tokens: Array, enable_dropout: bool = False,
-               decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
     cfg = self.config
     deterministic = not enable_dropout
     batch, tgt_len = decoder_input_tokens.shape
@@ -476,7 +477,8 @@ class Decoder(nn.Module):
           max_decode_length)
     x = LayerNorm(cfg, name='decoder_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    return self.shared_embedding.attend(x)
+    logits = self.shared_embedding.attend(x)
+    return (logits, x) if return_hidden else logits
 
 
 class Transformer(nn.Module):
@@ -497,7 +499,8 @@ class Transformer(nn.Module):
 
   def decode(self, encoded: Optional[Array], encoder_input_tokens: Optional[Array],
              decoder_input_tokens: Array, enable_dropout: bool = False,
-             decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             return_hidden: bool = False) -> Array | tuple[Array, Array]:
     """Decoder forward.
 
     Args:
@@ -512,16 +515,22 @@ class Transformer(nn.Module):
         buffers of length ``max_decode_length``, projected cross-attention K/V,
         cache_index=0, encoder_mask).
       max_decode_length: self-attention cache length at cache creation.
+      return_hidden: also return the decoder's final hidden states (after the final LayerNorm
+        and dropout: the inputs of the output projection), e.g. for a value head.
     Returns:
-      logits [batch, tgt_len, vocab] float32.
+      logits [batch, tgt_len, vocab] float32; with `return_hidden`, (logits, hidden states
+      [batch, tgt_len, emb_dim] in `config.dtype`).
     """
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         enable_dropout=enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+                        max_decode_length=max_decode_length, return_hidden=return_hidden)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               enable_dropout: bool = False, decode: bool = False) -> Array:
-    """Teacher-forced logits [batch, tgt_len, vocab] float32 = decode(encode(x))."""
+               enable_dropout: bool = False, decode: bool = False,
+               return_hidden: bool = False) -> Array | tuple[Array, Array]:
+    """Teacher-forced logits [batch, tgt_len, vocab] float32 = decode(encode(x)) (with
+    `return_hidden`, also the decoder's final hidden states, see `decode`)."""
     encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       enable_dropout=enable_dropout, decode=decode)
+                       enable_dropout=enable_dropout, decode=decode,
+                       return_hidden=return_hidden)

@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 import gin
 import numpy as np
 
-from rest_jax import input_pipeline, trainer as trainer_lib
-from rest_jax.grow import _trim
+from rest_jax import fileio
+from rest_jax import input_pipeline
+from rest_jax.data import trim as trim_ids
 from rest_jax.models.transformer import EOS_ID
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import negatives as neg_lib
@@ -110,7 +111,7 @@ def rm_check(output_dir: str,
       kinds.append(kind)
       texts.append(text)
       cand_ids.append(ids)
-      src_ids.append(_trim(task_data.arrays['encoder_input_tokens'][i]))
+      src_ids.append(trim_ids(task_data.arrays['encoder_input_tokens'][i]))
       refs.append(ref)
   if reward == 'rm':
     raw = np.asarray(scorer.raw_scores(src_ids, cand_ids, batch_size), np.float32)
@@ -134,5 +135,5 @@ def rm_check(output_dir: str,
   result['mean_reward'] = {row: float(value[:, j].mean()) for j, row in enumerate(ROWS)}
   print(format_table(result))
   name = 'rm_check.json' if reward == 'rm' else f'rm_check_{reward}.json'
-  trainer_lib.write_json(os.path.join(output_dir, name), result)
+  fileio.write_json(os.path.join(output_dir, name), result)
   return result

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,9 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rest_jax import data as data_lib
-from rest_jax import grow as grow_lib
-from rest_jax import partitioning
+from rest_jax import fileio, inference, partitioning
 from rest_jax.models import transformer as tfm
 
 Array = jax.Array
@@ -374,20 +371,14 @@ class RewardScorer:
         compiles once.
     """
     tokens, segs = pack_inputs(source_ids, candidate_ids, self.config.max_len)
-    out = np.zeros((len(tokens),), np.float32)
     if not len(tokens):
-      return out
-    lens = (segs != PAD_SEGMENT).sum(1)
-    buckets = np.array([data_lib.bucket_length(max(int(l), 1), self.buckets) for l in lens])
-    bs = grow_lib._global_batch(batch_size, self.mesh)
+      return np.zeros((0,), np.float32)
     fn = _score_fn(self.config)
-    with grow_lib._mesh_context(self.mesh):
-      for rows in grow_lib._grouped_batches(buckets, bs):
-        n = buckets[rows[0]]
-        batch, real = data_lib.pad_batch({'t': tokens[rows, :n], 's': segs[rows, :n]}, bs)
-        batch = grow_lib._shard(batch, self.mesh)
-        out[rows] = np.asarray(jax.device_get(fn(self.params, batch['t'], batch['s'])))[:real]
-    return out
+    return inference.run_batched(
+        lambda buckets, b: fn(self.params, b['tokens'], b['segment_ids']),
+        {'tokens': tokens, 'segment_ids': segs}, trim=('tokens', 'segment_ids'),
+        buckets=self.buckets, batch_size=batch_size, mesh=self.mesh, grouping='row',
+        bucket_lengths=(segs != PAD_SEGMENT).sum(1)).astype(np.float32)
 
   def calibrate(self, raw: np.ndarray) -> np.ndarray:
     """Raw scores -> rewards in [0, 1] with this model's calibration (`calibrate`)."""
@@ -430,18 +421,17 @@ def load_reward_model(rm_dir: str, mesh=None,
     FileNotFoundError: no `rm_config.json`, or neither a checkpoint nor `params.npz`, in `rm_dir`.
   """
   from rest_jax import trainer as trainer_lib
-  rm_dir = trainer_lib.params_file_path(rm_dir)
+  rm_dir = fileio.repo_path(rm_dir)
   path = os.path.join(rm_dir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{path} missing: {rm_dir} holds no finished reward model '
                             '(run `rest-jax train_rm`)')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = fileio.read_json(path)
   config = RewardModelConfig.from_json(saved['config'])
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
   npz = os.path.join(rm_dir, PARAMS_FILE)
-  if os.path.exists(npz) and not os.path.isdir(os.path.join(rm_dir, 'checkpoints')):
-    params = trainer_lib.load_params_npz(npz, abstract_params(config, mesh))
+  if fileio.exists(npz) and not fileio.isdir(os.path.join(rm_dir, 'checkpoints')):
+    params = fileio.load_params_npz(npz, abstract_params(config, mesh))
   else:
     params = trainer_lib.restore_params(rm_dir, abstract_params(config, mesh))
   return RewardScorer(config, params, saved.get('calibration'), task=saved.get('task'),
@@ -456,12 +446,10 @@ def export_reward_model(rm_dir: str, out_dir: str) -> str:
   Returns: `out_dir`.
   Raises: FileNotFoundError as `load_reward_model` (rm_dir is no finished reward model).
   """
-  from rest_jax import trainer as trainer_lib
-  rm_dir = trainer_lib.params_file_path(rm_dir)
+  rm_dir = fileio.repo_path(rm_dir)
   scorer = load_reward_model(rm_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(rm_dir, CONFIG_FILE)) as f:
-    saved = json.load(f)
-  trainer_lib.save_params_npz(os.path.join(out_dir, PARAMS_FILE), scorer.params, dtype=np.float32)
-  trainer_lib.write_json(os.path.join(out_dir, CONFIG_FILE), saved)
+  fileio.makedirs(out_dir)
+  saved = fileio.read_json(os.path.join(rm_dir, CONFIG_FILE))
+  fileio.save_params_npz(os.path.join(out_dir, PARAMS_FILE), scorer.params, dtype=np.float32)
+  fileio.write_json(os.path.join(out_dir, CONFIG_FILE), saved)
   return out_dir

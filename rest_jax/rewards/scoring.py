@@ -4,7 +4,7 @@ ReST's Improve steps filter the Grow dataset by reward thresholds; the records a
 here, so that every Improve step reads the same rewards. For each finished Grow chunk
 `grow-KKKKK-of-KKKKK.tfrecord` (the ones with their `.done` marker; the Grow's `manifest.json`
 must exist) this writes `scored-KKKKK-of-KKKKK.tfrecord`: every Grow field unchanged (see
-`grow.RECORD_FIELDS`) plus float fields
+`records.RECORD_FIELDS`) plus float fields
 
   * `reward`: what Improve filters on, in [0, 1]: the reward model's calibrated score
     (`model.RewardScorer.score_ids`) for `reward='rm'`, the binary verdict (exactly 0.0 or 1.0)
@@ -14,10 +14,11 @@ must exist) this writes `scored-KKKKK-of-KKKKK.tfrecord`: every Grow field uncha
   * one field per metric of `metrics` ('bleu', 'chrf', 'ter'; `metrics.sentence_rewards` of the
     candidate against the reference, in [0, 1]).
 
-Like Grow, the output is resumable per chunk: each chunk is written to a temporary name and
-renamed, then marked done by `scored-KKKKK.done` (JSON: counts and histograms of the chunk); a
-rerun skips marked chunks and redoes the others, so a killed run resumes to byte-identical files.
-`settings.json` (written first) pins the settings, `manifest.json` (written last) marks the
+Like Grow, the output is resumable per chunk (`rest_jax.records`): each chunk is written to a
+temporary name and renamed, then marked done by `scored-KKKKK.done` (JSON: counts and histograms
+of the chunk); a rerun skips marked chunks and redoes the others, so a killed run resumes to
+byte-identical files. `settings.json` (written first) pins the settings (`grow_dir` and `rm_dir`
+relative to the work directory, `records.pin_settings`), `manifest.json` (written last) marks the
 scoring complete and holds counts, mean rewards and 20-bin histograms over [0, 1] of the reward
 and of every metric, split by origin ('reference' / 'sample'), and, for a verifier reward, the
 verdicts' reasons per origin (`verifiers.REASONS`: correct, wrong answer, no `####`, ...).
@@ -28,11 +29,8 @@ of that chunk is written.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -40,15 +38,13 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
-from rest_jax import grow as grow_lib
-from rest_jax import trainer as trainer_lib
+from rest_jax import fileio, records as records_lib
 from rest_jax.models.transformer import EOS_ID
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import verifiers
 
 NUM_BINS = 20
 ORIGINS = ('reference', 'sample')
-_SCORED_RE = re.compile(r'scored-(\d{5})-of-(\d{5})\.tfrecord$')
 
 
 class ScoringInterrupted(RuntimeError):
@@ -58,29 +54,6 @@ class ScoringInterrupted(RuntimeError):
 def histogram(values: np.ndarray) -> list[int]:
   """Counts of `values` in NUM_BINS equal bins over [0, 1] (1.0 falls in the last bin)."""
   return np.histogram(np.asarray(values, np.float64), bins=NUM_BINS, range=(0.0, 1.0))[0].tolist()
-
-
-def _write_scored(path: str, records: Sequence[Mapping[str, Any]],
-                  float_fields: Sequence[str]) -> None:
-  """Grow's `tf.train.Example` of each record plus `float_fields`, to `path` atomically."""
-  import tensorflow as tf
-  tmp = path + '.tmp'
-  with tf.io.TFRecordWriter(tmp) as w:
-    for r in records:
-      ex = grow_lib._to_example(r)
-      for name in float_fields:
-        ex.features.feature[name].float_list.value.append(float(r[name]))
-      w.write(ex.SerializeToString(deterministic=True))
-  os.replace(tmp, path)
-
-
-def _read_chunk(path: str) -> list[dict[str, Any]]:
-  import tensorflow as tf
-  return [grow_lib._parse(raw) for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()]
-
-
-def _marker(output_dir: str, k: int) -> str:
-  return os.path.join(output_dir, f'scored-{k:05d}.done')
 
 
 def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> dict:
@@ -94,13 +67,6 @@ def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -
     if rs and 'reason' in rs[0]:  # A verifier reward: the verdicts' reasons.
       out[origin]['reasons'] = {k: sum(r['reason'] == k for r in rs) for k in verifiers.REASONS}
   return out
-
-
-def _check_settings(output_dir: str, settings: dict) -> str:
-  """`grow._check_settings` for a scoring output dir; returns the settings hash."""
-  h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-  grow_lib._check_settings(output_dir, settings, h, what='scores')
-  return h
 
 
 def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
@@ -195,11 +161,7 @@ def score(output_dir: str,
       metric; a NaN / infinite score (names chunk, record index and key).
   """
   start = time.perf_counter()
-  grow_manifest_path = os.path.join(grow_dir, 'manifest.json')
-  if not os.path.exists(grow_manifest_path):
-    raise FileNotFoundError(f'{grow_manifest_path} missing: the Grow in {grow_dir} is unfinished')
-  with open(grow_manifest_path) as f:
-    grow_manifest = json.load(f)
+  grow_manifest = records_lib.read_manifest(grow_dir, records_lib.GROW)
   if reward != 'rm' and reward not in verifiers.VERIFIER_REWARDS:
     metrics_lib.components(reward)  # Raises on an unknown metric ('rm' is the learned model).
   for m in metrics:
@@ -208,28 +170,26 @@ def score(output_dir: str,
     raise ValueError("reward='rm' needs an rm_dir (or use a metric as the reward)")
   rm_config = None
   if reward == 'rm' and rm_dir:
-    with open(os.path.join(rm_dir, 'rm_config.json')) as f:
-      rm_config = json.load(f)
-  settings = dict(grow_dir=os.path.abspath(grow_dir),
-                  grow_settings_hash=grow_manifest.get('settings_hash'),
-                  rm_dir=os.path.abspath(rm_dir) if rm_dir and reward == 'rm' else None,
+    rm_config = fileio.read_json(os.path.join(rm_dir, 'rm_config.json'))
+  settings = dict(grow_dir=grow_dir, grow_settings_hash=grow_manifest.get('settings_hash'),
+                  rm_dir=rm_dir if rm_dir and reward == 'rm' else None,
                   rm_config=rm_config, task=task, reward=reward, metrics=list(metrics))
-  os.makedirs(output_dir, exist_ok=True)
-  settings_hash = _check_settings(output_dir, settings)
-  manifest_path = os.path.join(output_dir, 'manifest.json')
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      logging.info('score: %s is complete', output_dir)
-      return json.load(f)
+  pinned = records_lib.pin_settings(output_dir, settings, what='scores',
+                                    path_keys=('grow_dir', 'rm_dir'))
+  finished = records_lib.finished_manifest(output_dir)
+  if finished is not None:
+    logging.info('score: %s is complete', output_dir)
+    return finished
 
   K = grow_manifest['counts']['chunks']
   chunks = []
   for k in range(K):
-    path = os.path.join(grow_dir, f'grow-{k:05d}-of-{K:05d}.tfrecord')
-    if not os.path.exists(path) or not os.path.exists(grow_lib._marker(path)):
+    path = records_lib.chunk_path(grow_dir, records_lib.GROW, k, K)
+    if not fileio.exists(path) or not records_lib.is_done(grow_dir, records_lib.GROW, k):
       raise FileNotFoundError(f'{path} or its completion marker is missing')
     chunks.append(path)
-  todo = [k for k in range(K) if not os.path.exists(_marker(output_dir, k))]
+  kind = records_lib.SCORED
+  todo = [k for k in range(K) if not records_lib.is_done(output_dir, kind, k)]
   logging.info('score: %d Grow chunks (%d to do), reward %s -> %s', K, len(todo), reward,
                output_dir)
   if todo and reward == 'rm' and scorer is None:
@@ -239,14 +199,11 @@ def score(output_dir: str,
   fields = ['reward'] + list(metrics)
   bar = tqdm(total=len(todo), desc='score', unit='chunk', dynamic_ncols=True)
   for done, k in enumerate(todo):
-    path = os.path.join(output_dir, f'scored-{k:05d}-of-{K:05d}.tfrecord')
-    if os.path.exists(path + '.tmp'):
-      os.remove(path + '.tmp')  # Partial file of a killed run.
-    records = score_records(_read_chunk(chunks[k]), reward=reward, metrics=metrics,
+    records = score_records(records_lib.read_records(chunks[k]), reward=reward, metrics=metrics,
                             scorer=scorer, batch_size=batch_size, where=chunks[k])
-    _write_scored(path, records, ['reward', 'reward_raw'] + list(metrics))
-    trainer_lib.write_json(_marker(output_dir, k), {'records': len(records),
-                                                    'by_origin': _chunk_counts(records, fields)})
+    records_lib.write_chunk(output_dir, kind, k, K, records,
+                            {'records': len(records), 'by_origin': _chunk_counts(records, fields)},
+                            extra_float_fields=['reward', 'reward_raw'] + list(metrics))
     bar.update(1)
     mean = np.mean([r['reward'] for r in records]) if records else float('nan')
     bar.set_postfix(records=len(records), mean_reward=f'{mean:.3f}')
@@ -259,8 +216,7 @@ def score(output_dir: str,
                    'histogram': {f: [0] * NUM_BINS for f in fields}} for o in ORIGINS}
   reasons = {o: dict.fromkeys(verifiers.REASONS, 0) for o in ORIGINS}
   for k in range(K):
-    with open(_marker(output_dir, k)) as f:
-      c = json.load(f)
+    c = records_lib.read_marker(output_dir, kind, k)
     total += c['records']
     for o in ORIGINS:
       src, dst = c['by_origin'][o], by_origin[o]
@@ -271,8 +227,8 @@ def score(output_dir: str,
       for reason, n in src.get('reasons', {}).items():
         reasons[o][reason] += n
   manifest = dict(
-      grow_dir=settings['grow_dir'], reward=reward, settings=settings,
-      settings_hash=settings_hash,
+      grow_dir=pinned.settings['grow_dir'], reward=reward, settings=pinned.settings,
+      settings_hash=pinned.settings_hash,
       counts=dict(chunks=K, records=total, **{o: by_origin[o]['count'] for o in ORIGINS}),
       mean_reward={o: by_origin[o]['sum']['reward'] / max(by_origin[o]['count'], 1)
                    for o in ORIGINS},
@@ -283,7 +239,7 @@ def score(output_dir: str,
       chunks_resumed=K - len(todo), wall_seconds=time.perf_counter() - start)
   if reward in verifiers.VERIFIER_REWARDS:
     manifest['reasons'] = reasons
-  trainer_lib.write_json(manifest_path, manifest)
+  records_lib.write_manifest(output_dir, manifest)
   logging.info('score: %d records; mean reward: reference %.3f, sample %.3f', total,
                manifest['mean_reward']['reference'], manifest['mean_reward']['sample'])
   return manifest
@@ -295,11 +251,7 @@ def read_scored_records(scored_dir: str) -> list[dict[str, Any]]:
   Returns dicts with the Grow fields plus `reward`, `reward_raw` and the metric fields.
 
   Raises:
-    FileNotFoundError: as `grow.read_chunked_records` (scoring unfinished, a chunk without its
+    FileNotFoundError: as `records.read_chunked` (scoring unfinished, a chunk without its
       marker, a chunk file missing).
   """
-  chunk = lambda p: int(_SCORED_RE.search(os.path.basename(p)).group(1))
-  return grow_lib.read_chunked_records(
-      scored_dir, pattern='scored-*-of-*.tfrecord', chunk_re=_SCORED_RE,
-      marker=lambda p: _marker(scored_dir, chunk(p)), read=_read_chunk, what='scoring',
-      command='rest-jax score')
+  return records_lib.read_chunked(scored_dir, records_lib.SCORED)

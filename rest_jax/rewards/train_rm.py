@@ -63,8 +63,9 @@ from scipy import stats
 from tqdm import tqdm
 
 from rest_jax import data as data_lib
-from rest_jax import grow as grow_lib
-from rest_jax import partitioning, trainer as trainer_lib
+from rest_jax import fileio, grow as grow_lib, inference, partitioning, records as records_lib
+from rest_jax import trainer as trainer_lib
+from rest_jax.models import base
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import model as rm_model
 from rest_jax.rewards import negatives as neg_lib
@@ -281,7 +282,7 @@ def init_params(config: rm_model.RewardModelConfig, seed: int,
   return params
 
 
-class _TrainModel:
+class RewardTrainModel(base.BaseModel):
   """Adapts `RewardModel` to `trainer.Trainer` (get_initial_variables, loss_fn) on [B, K, L]."""
 
   def __init__(self, config: rm_model.RewardModelConfig, objective: str):
@@ -290,7 +291,12 @@ class _TrainModel:
     self.module = rm_model.RewardModel(config)
     self.objective = objective
 
-  def get_initial_variables(self, rng, input_shapes):
+  @property
+  def config(self) -> rm_model.RewardModelConfig:
+    return self.module.config
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    del input_types
     x = jnp.ones((1, input_shapes['tokens'][-1]), jnp.int32)
     return self.module.init(rng, x, x)
 
@@ -338,7 +344,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     ValueError: an unknown objective, or fewer sources than one batch.
   """
   mesh = mesh if mesh is not None else partitioning.create_mesh()
-  bs = grow_lib._global_batch(batch_size, mesh)
+  bs = inference.global_batch(batch_size, mesh)
   num_sources = len(arrays['mask'])
   if num_sources < bs:
     raise ValueError(f'{num_sources} training sources cannot fill one batch of {bs}')
@@ -349,7 +355,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     label = lambda p: {k: (jax.tree.map(lambda _: 'frozen', v) if k == 'token_embedder' else
                            jax.tree.map(lambda _: 'train', v)) for k, v in p.items()}
     opt = optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, label)
-  t = trainer_lib.Trainer(_TrainModel(config, objective), opt, mesh, seed=seed)
+  t = trainer_lib.Trainer(RewardTrainModel(config, objective), opt, mesh, seed=seed)
   state = t.init_state({'tokens': (bs, 1, 8)}, params=params)
   buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
   lengths = (arrays['segment_ids'] != 0).sum(-1).max(-1)  # [S] longest packed row per source.
@@ -411,19 +417,20 @@ def evaluate_scores(raw: np.ndarray, cands: Candidates,
 
 def _check_settings(output_dir: str, settings: Mapping[str, Any]) -> dict | None:
   """The summary of a finished run with these settings, None if there is none; raises if the
-  output dir holds a run with other settings."""
+  output dir holds a run with other settings. `settings` are portable
+  (`records.portable_settings`); an older summary's absolute `grow_dir` is compared as the
+  portable path it names."""
   path = os.path.join(output_dir, SUMMARY_FILE)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
-  with open(path) as f:
-    summary = json.load(f)
-  old = summary.get('settings', {})
-  new = json.loads(json.dumps(settings))
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  summary = fileio.read_json(path)
+  old = records_lib.portable_settings(summary.get('settings', {}),
+                                      records_lib.workdir_of(output_dir), ('grow_dir',),
+                                      stored=True)
+  diff = records_lib.settings_diff(old, json.loads(json.dumps(settings)))
   if diff:
-    raise ValueError(f'{output_dir} holds a reward model trained with other settings (' +
-                     '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in diff) +
-                     '); use another output dir')
+    raise ValueError(f'{output_dir} holds a reward model trained with other settings '
+                     f'({"; ".join(diff)}); use another output dir')
   return summary
 
 
@@ -493,18 +500,16 @@ def train_reward_model(output_dir: str,
     raise ValueError(f'unknown objective {objective!r}: use one of {OBJECTIVES}')
   if embedding_init not in ('lsi', None):
     raise ValueError(f"unknown embedding_init {embedding_init!r}: use 'lsi' or None")
-  manifest_path = os.path.join(grow_dir, 'manifest.json')
-  if not os.path.exists(manifest_path):
-    raise FileNotFoundError(f'{manifest_path} missing: no finished Grow in {grow_dir}')
-  with open(manifest_path) as f:
-    grow_manifest = json.load(f)
-  settings = dict(grow_dir=os.path.abspath(grow_dir), grow_settings_hash=grow_manifest.get(
+  grow_manifest = records_lib.read_manifest(grow_dir, records_lib.GROW)
+  settings = dict(grow_dir=grow_dir, grow_settings_hash=grow_manifest.get(
       'settings_hash'), task=task, objective=objective, oracle=oracle, num_steps=num_steps,
                   batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                   weight_decay=weight_decay, max_minutes=max_minutes, dev_fraction=dev_fraction,
                   add_negatives=add_negatives, degraded_samples=degraded_samples,
                   max_samples=max_samples, seed=seed, config=config.to_json(),
                   embedding_init=embedding_init, train_embedding=train_embedding)
+  settings = records_lib.portable_settings(settings, records_lib.workdir_of(output_dir),
+                                           ('grow_dir',))
   done = _check_settings(output_dir, settings)
   if done is not None:
     logging.info('train_rm: %s is complete', output_dir)
@@ -538,7 +543,7 @@ def train_reward_model(output_dir: str,
       td = input_pipeline.cached_task_data(task, 'train', 128, 128, cache)
       corpus = (td.arrays['encoder_input_tokens'], td.arrays['decoder_target_tokens'])
     dev_src = {tuple(ids) for ids, keep in zip(dev.source_ids, dev.kind) if keep == 'reference'}
-    keep = np.array([tuple(grow_lib._trim(row)) not in dev_src for row in corpus[0]])
+    keep = np.array([tuple(data_lib.trim(row)) not in dev_src for row in corpus[0]])
     embedding = lsi_embedding(corpus[0][keep], corpus[1][keep], config.vocab_size,
                               config.emb_dim)
     logging.info('train_rm: LSI embedding from %d pairs (%d of dev sources left out)',
@@ -574,7 +579,7 @@ def train_reward_model(output_dir: str,
 
   ckpt = trainer_lib.Checkpointer(output_dir, keep=1)
   ckpt.save(state)
-  trainer_lib.write_json(os.path.join(output_dir, rm_model.CONFIG_FILE), dict(
+  fileio.write_json(os.path.join(output_dir, rm_model.CONFIG_FILE), dict(
       config=config.to_json(), calibration=calibration, task=task, oracle=oracle,
       objective=objective, step=info['steps'], grow_dir=settings['grow_dir']))
   count = lambda c: {k: int(np.sum(np.asarray(c.kind) == k)) for k in sorted(set(c.kind))}
@@ -589,7 +594,7 @@ def train_reward_model(output_dir: str,
       counts=dict(train_sources=len(sources) - len(dev_sources), dev_sources=len(dev_sources),
                   train_candidates=count(train), dev_candidates=count(dev),
                   grow_records=len(records)))
-  trainer_lib.write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
+  fileio.write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
   g = dev_metrics['grow_records']
   logging.info('train_rm: %d steps in %.1f min; dev pairwise accuracy vs %s %.3f, Kendall tau '
                '%.3f, Pearson %.3f', info['steps'], info['train_seconds'] / 60, oracle,

@@ -1,0 +1,180 @@
+"""Small file I/O shared by every stage: paths or URLs, atomic writes, JSON, `.npz` params.
+
+Every function takes a local path or a URL that `etils.epath` understands (`gs://bucket/dir`,
+`s3://...` with the matching backend installed), so a work directory can live on a bucket. Writes
+are atomic: the content goes to `<path>.tmp` first and is then renamed over `path` (a local
+`os.replace`; a copy + delete on object stores, where a reader sees the old object or the new one,
+never a partial one), so a killed run leaves either the old file or the new one, never half a
+file. TensorFlow is not imported here (the TFRecord files are `rest_jax.records`'s).
+
+Also: `repo_path` (shipped files such as `checkpoints/...` resolved against the repository) and
+`portable_path` (how settings record a path: relative to the work directory when inside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, IO
+
+import flax.traverse_util
+import jax
+import numpy as np
+from etils import epath
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_url(path: str) -> bool:
+  """True for `scheme://...` paths (object stores), False for local paths."""
+  return '://' in str(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an `epath.Path` (local paths made absolute)."""
+  return epath.Path(path if is_url(str(path)) else os.path.abspath(path))
+
+
+def exists(path: str) -> bool:
+  return as_path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return as_path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: str) -> None:
+  """Removes the file `path` if it exists."""
+  p = as_path(path)
+  if p.exists():
+    p.unlink()
+
+
+def glob(directory: str, pattern: str) -> list[str]:
+  """Sorted paths (as `str`) of the entries of `directory` matching the glob `pattern`."""
+  d = as_path(directory)
+  if not d.exists():
+    return []
+  return sorted(os.path.join(directory, p.name) for p in d.glob(pattern))
+
+
+def open_file(path: str, mode: str = 'r') -> IO:
+  """`open` for paths and URLs (`epath.Path.open`)."""
+  return as_path(path).open(mode)
+
+
+def atomic_replace(tmp: str, path: str) -> None:
+  """Renames the finished `tmp` over `path` (the last step of every atomic write)."""
+  if is_url(path):
+    as_path(tmp).replace(as_path(path))
+  else:
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (parent dirs created)."""
+  makedirs(os.path.dirname(path) or '.')
+  tmp = f'{path}.tmp'
+  with open_file(tmp, 'wb') as f:
+    f.write(text.encode('utf-8'))
+  atomic_replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented, key-sorted JSON atomically (numpy values as lists / numbers)."""
+  write_text(path, json.dumps(obj, indent=1, sort_keys=True,
+                              default=lambda x: np.asarray(x).tolist()))
+
+
+def write_jsonl(path: str, rows) -> None:
+  """One JSON object a line (UTF-8, not ASCII-escaped), written atomically."""
+  write_text(path, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
+
+
+def read_json(path: str) -> Any:
+  """The JSON value in `path`.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not valid JSON (names the file and the position), e.g. a file cut
+      short by a full disk.
+  """
+  with open_file(path, 'rb') as f:
+    text = f.read().decode('utf-8')
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); a run killed while writing it (files '
+                     'here are written atomically) or a hand edit; restore or delete it') from e
+
+
+def repo_path(path: str) -> str:
+  """`path` as given if it exists, is absolute or is a URL, else relative to the repository
+  (shipped files: `checkpoints/rm_small`, `checkpoints/base_tiny_math_arithmetic_chain`)."""
+  if is_url(path) or os.path.isabs(path) or os.path.exists(path):
+    return path
+  return os.path.join(REPO_ROOT, path)
+
+
+def portable_path(path: str | None, workdir: str) -> str | None:
+  """How settings record `path`: relative to `workdir` when inside it (so a work directory can be
+  moved or copied to a bucket and still resume), else absolute (or the URL as given). None stays
+  None. Our choice: a path outside the work directory (a shipped checkpoint, another run) is
+  recorded as is, since it names a different file from another location."""
+  if path is None:
+    return None
+  if is_url(path) or is_url(workdir):
+    p, w = str(path).rstrip('/'), str(workdir).rstrip('/')
+    return p[len(w) + 1:] if p.startswith(w + '/') else p
+  p, w = os.path.abspath(path), os.path.abspath(workdir)
+  return os.path.relpath(p, w) if p == w or p.startswith(w + os.sep) else p
+
+
+def resolve_path(path: str | None, workdir: str) -> str | None:
+  """Inverse of `portable_path`: a recorded relative path joined to `workdir`."""
+  if path is None or is_url(path) or os.path.isabs(path):
+    return path
+  return os.path.join(workdir, path)
+
+
+# -- params as .npz (shipped policies and reward models) ------------------------------------------
+
+def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
+  """Writes params as one compressed `.npz` (keys: '/'-joined tree paths), cast to `dtype`.
+
+  For shipping a small policy with the repository (float16 halves the size; the tiny policy's
+  weights are far inside its range). Written atomically.
+  """
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  makedirs(os.path.dirname(path) or '.')
+  tmp = path + '.tmp.npz'
+  with open_file(tmp, 'wb') as f:
+    np.savez_compressed(f, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})
+  atomic_replace(tmp, path)
+
+
+def load_params_npz(path: str, target_params: Any) -> Any:
+  """Params from `save_params_npz`, cast to and laid out like `target_params` (abstract or not).
+
+  Raises:
+    ValueError: the file's tree paths or shapes differ from `target_params`'s (names them).
+  """
+  flat_target = flax.traverse_util.flatten_dict(target_params, sep='/')
+  with open_file(path, 'rb') as fh, np.load(fh) as f:
+    stored = {k: f[k] for k in f.files}
+  if set(stored) != set(flat_target):
+    raise ValueError(f'{path}: parameter names differ from the model: missing '
+                     f'{sorted(set(flat_target) - set(stored))[:5]}, unexpected '
+                     f'{sorted(set(stored) - set(flat_target))[:5]}')
+  out = {}
+  for k, t in flat_target.items():
+    if stored[k].shape != tuple(t.shape):
+      raise ValueError(f'{path}: {k} has shape {stored[k].shape}, the model {tuple(t.shape)}')
+    v = stored[k].astype(t.dtype)
+    sharding = getattr(t, 'sharding', None)
+    out[k] = jax.device_put(v, sharding) if sharding is not None else jax.numpy.asarray(v)
+  return flax.traverse_util.unflatten_dict(out, sep='/')

@@ -1,0 +1,363 @@
+"""Record I/O of every stage: TFRecord chunks, `.done` markers, manifests, versioned settings.
+
+Grow (`rest_jax.grow`), scoring (`rest_jax.rewards.scoring`), Improve, reward-model training and
+the reward checks read and write their datasets through this module only. An output directory
+holds
+
+  * `settings.json`, written first: the settings that determine the output, their sha256 and
+    where and how they were written (see "Settings schema" below);
+  * chunks `<prefix>-KKKKK-of-NNNNN.tfrecord` (one `tf.train.Example` per record, serialised
+    deterministically; written to `<name>.tmp`, then renamed), each followed by its completion
+    marker `<prefix>-KKKKK.done` (JSON counts). A chunk without its marker is redone from scratch,
+    so a killed run resumes to files byte-identical to an uninterrupted run's;
+  * `manifest.json`, written last: the output is complete.
+
+Paths may be local or URLs (`rest_jax.fileio`); TensorFlow is imported lazily, in the functions
+that write or read TFRecords.
+
+Records (`RECORD_FIELDS`, as written by Grow; scoring adds float fields such as `reward`): int64
+`source_index`, `source_ids` (list), `candidate_ids` (list), `length` (tokens incl. EOS),
+`grow_step`, `candidate_index` (-1 for the reference), `num_duplicates`; float32
+`logprob_sampling`, `logprob_policy` (nats); bytes (UTF-8) `source`, `reference`, `candidate`,
+`origin` ('reference' / 'sample'), `key`.
+
+Record format (`RECORD_FORMAT`, stored in the settings of every record directory):
+  1: a reference record's `logprob_sampling` holds the untempered policy score of the reference
+     (equal to `logprob_policy`), although the reference was never sampled.
+  2 (current): that field is NaN for reference records: no importance weight can be formed for a
+     sequence the sampler did not draw. Samples are unchanged. `logprob_policy` is the policy
+     score in both formats.
+
+Settings schema (`SCHEMA_VERSION`):
+  1 (no `schema_version` key): {'settings', 'settings_hash'}; paths absolute; `process_count`
+     inside the hashed settings.
+  2 (current): {'schema_version': 2, 'settings': {..., 'record_format': F}, 'settings_hash':
+     sha256 of the canonical JSON of 'settings', 'location': {'output_dir', 'process_count'}}.
+     Paths are recorded relative to the work directory (the output directory's parent) when
+     inside it (`fileio.portable_path`); the host count and the location are outside the hash.
+  A directory written under schema 1 resumes: its settings are migrated in memory (paths made
+  relative, `process_count` moved out, record format 1) and compared with the new ones; the file
+  is not rewritten and the directory keeps its hash and record format, so every chunk a resumed
+  run adds is what the schema-1 code would have written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+from rest_jax import fileio
+
+SCHEMA_VERSION = 2
+RECORD_FORMAT = 2
+WRITABLE_RECORD_FORMATS = (1, 2)  # A resumed directory keeps the format it was started with.
+SETTINGS_FILE = 'settings.json'
+MANIFEST_FILE = 'manifest.json'
+LOCATION_KEYS = ('process_count',)  # Schema 1 hashed these; schema 2 keeps them in 'location'.
+
+INT_FIELDS = ('source_index', 'source_ids', 'candidate_ids', 'length', 'grow_step',
+              'candidate_index', 'num_duplicates')
+FLOAT_FIELDS = ('logprob_sampling', 'logprob_policy')
+BYTES_FIELDS = ('source', 'reference', 'candidate', 'origin', 'key')
+LIST_FIELDS = ('source_ids', 'candidate_ids')  # The other fields are scalars.
+RECORD_FIELDS = INT_FIELDS + FLOAT_FIELDS + BYTES_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkKind:
+  """A kind of chunked output: file prefix, and the names used in messages."""
+  prefix: str   # 'grow' -> grow-00000-of-00004.tfrecord, grow-00000.done
+  what: str     # 'Grow'
+  command: str  # 'rest-jax grow'
+
+  @property
+  def chunk_re(self):
+    return re.compile(rf'{self.prefix}-(\d{{5}})-of-(\d{{5}})\.tfrecord$')
+
+
+GROW = ChunkKind('grow', 'Grow', 'rest-jax grow')
+SCORED = ChunkKind('scored', 'scoring', 'rest-jax score')
+
+
+# -- tf.train.Example ------------------------------------------------------------------------------
+
+def to_example(record: Mapping[str, Any], extra_float_fields: Sequence[str] = ()):
+  """`record` (the `RECORD_FIELDS`, plus float `extra_float_fields`) as a `tf.train.Example`."""
+  import tensorflow as tf
+  feats = {}
+  for name in RECORD_FIELDS:
+    v = record[name]
+    v = list(v) if name in LIST_FIELDS else [v]
+    if name in INT_FIELDS:
+      feats[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+    elif name in FLOAT_FIELDS:
+      feats[name] = tf.train.Feature(float_list=tf.train.FloatList(value=v))
+    else:
+      feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[s.encode('utf-8') for s in v]))
+  ex = tf.train.Example(features=tf.train.Features(feature=feats))
+  for name in extra_float_fields:
+    ex.features.feature[name].float_list.value.append(float(record[name]))
+  return ex
+
+
+def parse(raw: bytes) -> dict[str, Any]:
+  """A serialised record -> dict (text fields as str, `LIST_FIELDS` as lists, others scalars)."""
+  import tensorflow as tf
+  ex = tf.train.Example.FromString(raw)
+  out = {}
+  for name, f in ex.features.feature.items():
+    kind = f.WhichOneof('kind')
+    vals = list(getattr(f, kind).value)
+    if kind == 'bytes_list':
+      vals = [v.decode('utf-8') for v in vals]
+    out[name] = vals if name in LIST_FIELDS else vals[0]
+  return out
+
+
+def write_records(path: str, records: Sequence[Mapping[str, Any]],
+                  extra_float_fields: Sequence[str] = ()) -> None:
+  """Writes `records` (deterministic serialisation) to the TFRecord file `path` atomically."""
+  import tensorflow as tf
+  tmp = path + '.tmp'
+  fileio.remove(tmp)  # A partial file of a killed run.
+  with tf.io.TFRecordWriter(tmp) as w:
+    for r in records:
+      w.write(to_example(r, extra_float_fields).SerializeToString(deterministic=True))
+  fileio.atomic_replace(tmp, path)
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """All records of one TFRecord file, in file order (`parse`).
+
+  Raises:
+    ValueError: the file is corrupt or cut short (names it).
+  """
+  import tensorflow as tf
+  try:
+    return [parse(raw) for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+  except tf.errors.DataLossError as e:
+    raise ValueError(f'{path} is corrupt or truncated ({e.message.splitlines()[0]}); delete it '
+                     'and its .done marker and rerun the command that wrote it') from e
+
+
+# -- chunked outputs -------------------------------------------------------------------------------
+
+def chunk_path(out_dir: str, kind: ChunkKind, k: int, num_chunks: int) -> str:
+  return os.path.join(out_dir, f'{kind.prefix}-{k:05d}-of-{num_chunks:05d}.tfrecord')
+
+
+def marker_path(out_dir: str, kind: ChunkKind, k: int) -> str:
+  return os.path.join(out_dir, f'{kind.prefix}-{k:05d}.done')
+
+
+def is_done(out_dir: str, kind: ChunkKind, k: int) -> bool:
+  return fileio.exists(marker_path(out_dir, kind, k))
+
+
+def write_chunk(out_dir: str, kind: ChunkKind, k: int, num_chunks: int,
+                records: Sequence[Mapping[str, Any]], counts: Mapping[str, Any],
+                extra_float_fields: Sequence[str] = ()) -> None:
+  """Chunk k's records, then its completion marker holding `counts` (both atomic)."""
+  write_records(chunk_path(out_dir, kind, k, num_chunks), records, extra_float_fields)
+  fileio.write_json(marker_path(out_dir, kind, k), counts)
+
+
+def read_marker(out_dir: str, kind: ChunkKind, k: int) -> dict[str, Any]:
+  return fileio.read_json(marker_path(out_dir, kind, k))
+
+
+def read_manifest(out_dir: str, kind: ChunkKind) -> dict[str, Any]:
+  """`out_dir/manifest.json` of a finished output.
+
+  Raises:
+    FileNotFoundError: no manifest (the output is unfinished, or `out_dir` is no such output).
+  """
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  if not fileio.exists(path):
+    raise FileNotFoundError(f'{path} missing: the {kind.what} in {out_dir} is unfinished (rerun '
+                            f'`{kind.command}` to resume it) or this is no {kind.what} dir')
+  return fileio.read_json(path)
+
+
+def finished_manifest(out_dir: str) -> dict[str, Any] | None:
+  """The manifest if `out_dir` is complete, else None."""
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  return fileio.read_json(path) if fileio.exists(path) else None
+
+
+def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
+  fileio.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+
+
+def chunk_files(out_dir: str, kind: ChunkKind) -> list[str]:
+  """The chunk files of `out_dir`, sorted by name (temporary files excluded)."""
+  return [p for p in fileio.glob(out_dir, f'{kind.prefix}-*-of-*.tfrecord')
+          if kind.chunk_re.search(os.path.basename(p))]
+
+
+def read_chunked(out_dir: str, kind: ChunkKind) -> list[dict[str, Any]]:
+  """All records of a finished chunked output, by chunk file name, then in file order.
+
+  Raises:
+    FileNotFoundError: no `manifest.json` (unfinished), a chunk file without its completion
+      marker, or another number of chunk files than the manifest counts.
+    ValueError: a corrupt chunk file (`read_records`).
+  """
+  manifest = read_manifest(out_dir, kind)
+  files = chunk_files(out_dir, kind)
+  for p in files:
+    k = int(kind.chunk_re.search(os.path.basename(p)).group(1))
+    if not is_done(out_dir, kind, k):
+      raise FileNotFoundError(f'chunk {p} has no completion marker '
+                              f'{marker_path(out_dir, kind, k)}: it may be partial; rerun '
+                              f'`{kind.command}` to redo it')
+  if len(files) != manifest['counts']['chunks']:
+    raise FileNotFoundError(f'{out_dir}: {len(files)} chunk files, manifest says '
+                            f"{manifest['counts']['chunks']}")
+  return [r for p in files for r in read_records(p)]
+
+
+def sum_counts(out_dir: str, kind: ChunkKind, num_chunks: int) -> dict[str, Any]:
+  """The markers' counts of chunks 0..num_chunks-1 summed key by key (numbers only)."""
+  total: dict[str, Any] = {}
+  for k in range(num_chunks):
+    for name, v in read_marker(out_dir, kind, k).items():
+      total[name] = total.get(name, 0) + v
+  return total
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Pinned:
+  """The settings an output directory is pinned to (`pin_settings`)."""
+  settings: dict[str, Any]   # As hashed: portable paths, 'record_format'.
+  settings_hash: str         # sha256 hex of the canonical JSON (schema 1 dirs: their old hash).
+  record_format: int         # The format this directory's records are written in.
+  schema_version: int        # Of its settings.json.
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+  """sha256 hex of `settings` as canonical JSON (sorted keys)."""
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def workdir_of(output_dir: str) -> str:
+  """The work directory of a stage's output dir: its parent (`<workdir>/grow_1`)."""
+  return os.path.dirname(os.path.abspath(output_dir)) if not fileio.is_url(output_dir) else (
+      output_dir.rstrip('/').rsplit('/', 1)[0])
+
+
+def portable_settings(settings: Mapping[str, Any], workdir: str, path_keys: Sequence[str],
+                      stored: bool = False) -> dict[str, Any]:
+  """`settings` with the values of `path_keys` as `fileio.portable_path`s, JSON-normalised.
+
+  stored: the settings come from a file, where a relative path is already relative to the work
+  directory (only absolute ones are converted); else relative paths are the caller's (cwd).
+  """
+  out = json.loads(json.dumps(dict(settings)))
+  for k in path_keys:
+    v = out.get(k)
+    if v is not None and not (stored and not os.path.isabs(v) and not fileio.is_url(v)):
+      out[k] = fileio.portable_path(v, workdir)
+  return out
+
+
+def migrate_v1(old: Mapping[str, Any], workdir: str, path_keys: Sequence[str]) -> dict[str, Any]:
+  """Schema-1 settings as schema 2 would record them: portable paths, no `LOCATION_KEYS`,
+  `record_format` 1.
+
+  Raises:
+    ValueError: the directory was written by several hosts (schema 1 assigned chunks to hosts
+      by the host count; resume it with the code that wrote it or start a new directory).
+  """
+  s = portable_settings(old, workdir, path_keys, stored=True)
+  if int(s.get('process_count', 1)) != 1:
+    raise ValueError(f"settings written by {s['process_count']} hosts under settings schema 1 "
+                     'cannot be resumed by this code (chunks were assigned by host count); use '
+                     'a new output directory')
+  for k in LOCATION_KEYS:
+    s.pop(k, None)
+  s['record_format'] = 1
+  return s
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """'key old -> new' for every key whose values differ."""
+  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  return [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in keys]
+
+
+def pin_settings(output_dir: str, settings: Mapping[str, Any], *, what: str,
+                 path_keys: Sequence[str] = (), process_count: int = 1,
+                 write: bool = True) -> Pinned:
+  """Pins `output_dir` to `settings`: writes `settings.json` (schema 2) or checks the existing one.
+
+  Args:
+    output_dir: a stage's output directory (created if missing).
+    settings: JSON-able settings that determine the output (paths as given; the keys in
+      `path_keys` are recorded with `fileio.portable_path` relative to `workdir_of(output_dir)`).
+      'record_format' is added.
+    what: names the output in errors ('a Grow', 'scores').
+    process_count: hosts writing it (recorded under 'location', outside the hash).
+    write: whether this process writes a new `settings.json` (False on hosts other than 0).
+
+  Returns:
+    `Pinned`: the hashed settings, their hash and the record format to write.
+
+  Raises:
+    ValueError: `output_dir` holds `what` with other settings (names each differing key), or a
+      schema-1 directory that cannot be resumed (`migrate_v1`), or an unknown schema version.
+  """
+  workdir = workdir_of(output_dir)
+  new = portable_settings(settings, workdir, path_keys)
+  path = os.path.join(output_dir, SETTINGS_FILE)
+  if fileio.exists(path):
+    stored = fileio.read_json(path)
+    version = stored.get('schema_version', 1)
+    if version == 1:
+      old = migrate_v1(stored.get('settings', {}), workdir, path_keys)
+      old_hash = stored.get('settings_hash')
+    elif version == SCHEMA_VERSION:
+      old, old_hash = stored['settings'], stored['settings_hash']
+    else:
+      raise ValueError(f'{path}: settings schema {version} is newer than this code '
+                       f'({SCHEMA_VERSION}); update rest-jax')
+    fmt = old.get('record_format', RECORD_FORMAT)
+    if fmt not in WRITABLE_RECORD_FORMATS:
+      raise ValueError(f'{path}: record format {fmt} cannot be written by this code')
+    new['record_format'] = fmt
+    diff = settings_diff(old, new)
+    if diff:
+      raise ValueError(f'{output_dir} holds {what} with other settings ({"; ".join(diff)}); use '
+                       'another output dir instead of mixing outputs')
+    return Pinned(old, old_hash, fmt, version)
+  new['record_format'] = RECORD_FORMAT
+  h = settings_hash(new)
+  if write:
+    fileio.makedirs(output_dir)
+    fileio.write_json(path, {'schema_version': SCHEMA_VERSION, 'settings': new,
+                             'settings_hash': h,
+                             'location': {'output_dir': os.path.abspath(output_dir)
+                                          if not fileio.is_url(output_dir) else output_dir,
+                                          'process_count': process_count}})
+  return Pinned(new, h, RECORD_FORMAT, SCHEMA_VERSION)
+
+
+def read_settings(output_dir: str, path_keys: Sequence[str] = ()) -> dict[str, Any]:
+  """The settings of `output_dir` (any schema), with the `path_keys` resolved to usable paths
+  (`fileio.resolve_path` against the work directory).
+
+  Raises:
+    FileNotFoundError: no `settings.json`.
+  """
+  stored = fileio.read_json(os.path.join(output_dir, SETTINGS_FILE))
+  s = dict(stored.get('settings', {}))
+  for k in path_keys:
+    s[k] = fileio.resolve_path(s.get(k), workdir_of(output_dir))
+  return s
