@@ -15,7 +15,7 @@ import sacrebleu
 from rest_jax import evaluation, main as main_lib, report as report_lib, rest as rest_lib
 from rest_jax.rewards import metrics, train_rm
 
-from loop_utils import report as _report, run, strip
+from loop_utils import report as _report, run, strip, tensorboard_scalars
 
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
@@ -203,3 +203,21 @@ def test_rest_loop_with_a_metric_reward(tmp_path):
     assert np.isclose(s['test_oracle'], s['test_reward'], atol=1e-3)  # The reward is the oracle.
   with open(os.path.join(workdir, 'report.md')) as f:
     assert "the metric 'chrf+ter' against the reference" in f.read()
+  # TensorBoard (`tensorboard --logdir workdir`): one run per stage folder, train and dev curves.
+  bc = tensorboard_scalars(os.path.join(workdir, 'bc'))
+  for tag in ('train/loss', 'train/accuracy', 'train/learning_rate', 'dev/bleu', 'dev/chrf'):
+    assert list(bc[tag]) == [4], tag  # train.num_steps=4: the last step, and the final dev eval.
+  assert bc['train/learning_rate'][4] > 0
+  for i in (0, 1):
+    step_dir = os.path.join(workdir, f'improve_1_{i}')
+    tb = tensorboard_scalars(step_dir)
+    with open(os.path.join(step_dir, 'improve_summary.json')) as f:
+      history = json.load(f)['history']
+    evals = [e['step'] for e in history]
+    assert evals == [0, 2, 4]  # improve.eval_every_steps=2, num_steps=4, the start policy at 0.
+    for key in ('reward', 'bleu', 'chrf'):
+      np.testing.assert_allclose([tb[f'dev/{key}'][k] for k in evals],
+                                 [e[key] for e in history], rtol=1e-6)
+    for tag in ('train/loss', 'train/nll', 'train/learning_rate', 'train/minutes'):
+      assert list(tb[tag]) == [2, 4], (i, tag)  # At the evaluations (fewer than 10 steps).
+    assert 'train/num_tokens' not in tb
