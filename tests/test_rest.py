@@ -89,6 +89,46 @@ def test_reward_hacking_alarms_on_hand_made_stages():
       a for a in alarms if a['stage'] == 'G1I3' and a['versus'] == 'bc']
 
 
+def test_report_plots_draw_oracle_and_alarms_and_keep_text_inside(tmp_path, monkeypatch):
+  """The committed reports' plots (and Grow histograms of made-up rewards): every title, label,
+  tick and legend inside the figure; the reward plot shows the test oracle and the alarms."""
+  drawn = {}
+  save = report_lib._save
+
+  def check(fig, out_dir, name):
+    fig.tight_layout()
+    fig.canvas.draw()
+    box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()
+    drawn[name] = (box.x0, box.y0, w - box.x1, h - box.y1)  # Margins, inches: < 0 = cut off.
+    if name == 'reward_per_stage.png':
+      ax = fig.axes[0]
+      drawn['lines'] = {l.get_label(): list(l.get_ydata()) for l in ax.get_lines()}
+      drawn['spans'] = sorted((p.get_x() + p.get_width() / 2) for p in ax.patches)
+    return save(fig, out_dir, name)
+  monkeypatch.setattr(report_lib, '_save', check)
+  with open('results/rest_main_cpu/report.json') as f:
+    report = json.load(f)
+  rewards = {g['grow']: np.random.default_rng(0).beta(2, 3, g['records'])
+             for g in report['grows']}
+  report_lib.plots(str(tmp_path / 'rest'), report, rewards)
+  with open('results/rest_em_main_cpu/report.json') as f:
+    report_lib.rest_em_plots(str(tmp_path / 'em'), json.load(f))
+  assert sorted(n for n in drawn if n.endswith('.png')) == [
+      'best_of_n.png', 'pass1_per_iteration.png', 'pass_at_k.png', 'reward_hist_grow_1.png',
+      'reward_hist_grow_2.png', 'reward_per_stage.png', 'reward_vs_bleu.png']
+  for name in drawn:
+    if name.endswith('.png'):
+      assert min(drawn[name]) >= -0.01, (name, drawn[name])
+  stages = report['stages']
+  assert drawn['lines']['test oracle (chrF+TER)'] == [s['test_oracle'] for s in stages]
+  assert drawn['lines']['test RM reward'] == [s['test_reward'] for s in stages]
+  names = [s['name'] for s in stages]
+  alarmed = sorted({names.index(a['stage']) for a in report['alarms']})
+  assert alarmed == [3, 4]  # G1I2 and G1I3 (report.json): one shaded band each.
+  np.testing.assert_allclose(drawn['spans'], alarmed)
+  assert os.path.exists(tmp_path / 'rest' / 'plots' / 'reward_hist_grow_2.png')
+
+
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   straight = str(tmp_path / 'straight')
   run(['rest', f'--workdir={straight}'] + TINY)
