@@ -12,6 +12,9 @@ term, the frozen BC policy (the optimizer leaves it untouched: `optax.set_to_zer
 checkpoint (`<model_dir>/best`) holds the *policy params only*, in the layout of a `rest-jax train`
 run, so `trainer.restore_params(model_dir, ...)` reads an Improve step like a BC run (Grow, eval
 and the next Improve step all do). `<model_dir>/checkpoints` holds the whole state for resume.
+TensorBoard event files in `<model_dir>` (`summaries`): `train/*` (the loss's metrics, learning
+rate, KL weight, minutes) every 10 steps and at the evaluations, `dev/reward`, `dev/bleu`,
+`dev/chrf` at every evaluation (step 0 included).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 from rest_jax import fileio
 from rest_jax import data as data_lib
-from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning
+from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning, summaries
 from rest_jax import trainer as trainer_lib
 from rest_jax.models import base
 
@@ -72,15 +75,16 @@ class ImproveModel(base.BaseModel):
     return {'params': params}
 
 
-def _optimizer(with_prior: bool) -> optax.GradientTransformation:
-  """`make_optimizer` in the gin scope `improve` (its lower learning rate); the prior is frozen."""
+def _optimizer(with_prior: bool) -> tuple[optax.GradientTransformation, Callable]:
+  """`make_optimizer` in the gin scope `improve` (its lower learning rate); the prior is frozen.
+  Returns (optimizer, its learning-rate schedule)."""
   with gin.config_scope('improve'):
-    opt = trainer_lib.make_optimizer()
+    opt, schedule = trainer_lib.make_optimizer(with_schedule=True)
   if not with_prior:
-    return opt
+    return opt, schedule
   labels = lambda params: {k: jax.tree.map(lambda _: 'frozen' if k == 'prior' else 'train', v)
                            for k, v in params.items()}
-  return optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, labels)
+  return optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, labels), schedule
 
 
 def records_to_arrays(records: Sequence[Mapping[str, Any]], inputs_length: int,
@@ -314,7 +318,8 @@ def improve(model_dir: str,
   with_prior = losses.needs_prior(loss)
   wrapped = ImproveModel(model, loss, with_prior)
   mesh = partitioning.create_mesh()
-  t = trainer_lib.Trainer(wrapped, _optimizer(with_prior), mesh, seed=seed)
+  optimizer, schedule = _optimizer(with_prior)
+  t = trainer_lib.Trainer(wrapped, optimizer, mesh, seed=seed)
   shapes = {'encoder_input_tokens': (batch_size, inputs_length),
             'decoder_input_tokens': (batch_size, targets_length)}
   abstract = t.abstract_state(shapes).params
@@ -335,6 +340,7 @@ def improve(model_dir: str,
         history = json.load(f).get('history', [])
   step = int(jax.device_get(state.step))
   train_seconds = history[-1]['train_seconds'] if history else 0.0
+  writer = summaries.metric_writer(model_dir)
 
   def policy_view(s):  # `save_best` stores `.params` only: the policy, in BC-run layout.
     return trainer_lib.TrainState(step=s.step, params=s.params['policy'], opt_state=None)
@@ -352,7 +358,17 @@ def improve(model_dir: str,
                + (' (best)' if is_best else ''))
     ckpt.save(s)
     fileio.write_json(summary_path, {'history': history, 'filter': stats})
+    if writer:
+      writer.write_scalars(entry['step'], {f'dev/{k}': m[k] for k in ('reward', 'bleu', 'chrf')})
+      writer.flush()
     return entry
+
+  def log_train(step, metrics, kl):
+    if writer:
+      writer.write_scalars(step, summaries.train_scalars(
+          jax.device_get(metrics), summaries.last_learning_rate(schedule, step),
+          **({'kl_weight': kl} if with_prior else {}),
+          minutes=(train_seconds + time.perf_counter() - clock) / 60))
 
   if not history:
     evaluate(state, initial_dev)
@@ -362,25 +378,31 @@ def improve(model_dir: str,
              unit='step', dynamic_ncols=True, mininterval=2.0)
   clock = time.perf_counter()
   metrics: dict = {}
+  kl = start_kl
   stale = sum(1 for _ in _since_best(history))
   while step < num_steps and stale < patience:
     if max_minutes is not None and train_seconds >= max_minutes * 60:
       break
     batch = batcher.batch_at(step)
-    batch['kl_weight'] = np.full((batch_size,), losses.kl_weight_schedule(
-        step, num_steps, start_kl, end_kl), np.float32)
+    kl = losses.kl_weight_schedule(step, num_steps, start_kl, end_kl)
+    batch['kl_weight'] = np.full((batch_size,), kl, np.float32)
     state, metrics = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
+    evaluating = step % eval_every_steps == 0 or step == num_steps
     if step % 10 == 0:
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-    if step % eval_every_steps == 0 or step == num_steps:
+    if step % 10 == 0 or evaluating:
+      log_train(step, metrics, kl)
+    if evaluating:
       train_seconds += time.perf_counter() - clock
       evaluate(state)
       clock = time.perf_counter()
       stale = sum(1 for _ in _since_best(history))
   bar.close()
   if not history or history[-1]['step'] != step:
+    if metrics:
+      log_train(step, metrics, kl)
     train_seconds += time.perf_counter() - clock
     evaluate(state)
   best = max(history, key=lambda e: e['reward'])
@@ -392,6 +414,8 @@ def improve(model_dir: str,
                  wall_seconds=time.perf_counter() - start, complete=True,
                  final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
   fileio.write_json(summary_path, summary)
+  if writer:
+    writer.close()
   return summary
 
 

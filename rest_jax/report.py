@@ -150,58 +150,105 @@ def markdown(report: dict) -> str:
   return '\n'.join(lines)
 
 
+def _reward_label(report: dict) -> str:
+  """The reward's short name on the plots: 'RM reward' or "'chrf+ter' reward"."""
+  reward = report.get('reward', 'rm')
+  return 'RM reward' if reward == 'rm' else f'{reward!r} reward'
+
+
+def _stage_groups(stages: Sequence[dict], keys: Sequence[str]) -> list[tuple[list[str], tuple]]:
+  """Stages with the same values of `keys` (a stage that kept its start policy), as one label
+  each: [(names, values)] in stage order."""
+  groups: dict[tuple, list[str]] = {}
+  for s in stages:
+    groups.setdefault(tuple(s[k] for k in keys), []).append(s['name'])
+  return [(names, values) for values, names in groups.items()]
+
+
 def plots(workdir: str, report: dict, grow_rewards: dict[int, np.ndarray] | None = None
           ) -> list[str]:
-  """PNG plots in `workdir/plots/`: reward per stage, reward histogram per Grow with the
-  thresholds drawn, RM reward vs BLEU per stage, best-of-N curves. Returns the paths."""
+  """PNG plots in `workdir/plots/`: reward per stage (dev and test reward, the test oracle,
+  the stages of a reward-hacking alarm shaded), reward histogram per Grow with the thresholds
+  drawn (only for the Grows in `grow_rewards`), test reward vs test BLEU per stage, best-of-N
+  curves. Returns the paths."""
+  import textwrap
+
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   out_dir = os.path.join(workdir, 'plots')
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   stages = report['stages']
   names = [s['name'] for s in stages]
+  reward = _reward_label(report)
+  alarmed = sorted({a['stage'] for a in report.get('alarms', [])}, key=names.index)
 
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+  fig, ax = plt.subplots(figsize=(8.5, 3.8))
+  x = np.arange(len(stages))
   for split in ('dev', 'test'):
-    ax.plot(names, [s[f'{split}_reward'] for s in stages], marker='o', label=f'{split} reward')
-  ax.set_ylabel('RM reward (0-100)')
-  ax.set_title('Reward per ReST stage')
-  ax.legend()
+    ax.plot(x, [s[f'{split}_reward'] for s in stages], marker='o', label=f'{split} {reward}')
+  if any(s.get('test_oracle') is not None for s in stages):
+    ax.plot(x, [np.nan if s.get('test_oracle') is None else s['test_oracle'] for s in stages],
+            marker='s', ls='--', color='tab:green', label=ALARM_MEASURES['test_oracle'])
+  for k, name in enumerate(alarmed):
+    ax.axvspan(names.index(name) - 0.4, names.index(name) + 0.4, color='tab:red', alpha=0.15,
+               lw=0, label='reward-hacking alarm' if k == 0 else None)
+  ax.set_xticks(x, names)
+  ax.set_xlabel('stage (bc, then G<Grow>I<Improve step>)')
+  ax.set_ylabel('test / dev mean (0-100)')
+  ax.set_title(f'{reward[0].upper() + reward[1:]} and test oracle per ReST stage')
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
   paths.append(_save(fig, out_dir, 'reward_per_stage.png'))
 
   for g, rewards in (grow_rewards or {}).items():
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.hist(rewards, bins=40, range=(0, 1), color='tab:blue', alpha=0.8)
-    taus = report['thresholds']['taus']
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # Room for the threshold labels above the bars.
     mode = report['thresholds']['mode']
     used = [s['tau'] for s in stages if s['grow'] == g and s['tau'] is not None]
     for tau in used:
-      x = tau if mode == 'absolute' else float(np.quantile(rewards, tau))
-      ax.axvline(x, color='tab:red', ls='--')
-      ax.text(x, ax.get_ylim()[1] * 0.95, f'{tau:g}', color='tab:red', ha='right')
-    ax.set_xlabel('normalised reward' + (' (lines: pooled quantiles of the per-source '
-                                         'percentile thresholds)' if mode != 'absolute' else ''))
-    ax.set_title(f'Grow {g}: reward of every record ({len(rewards)}); thresholds {taus[:len(used)]}')
+      at = tau if mode == 'absolute' else float(np.quantile(rewards, tau))
+      ax.axvline(at, color='tab:red', ls='--')
+      ax.annotate(f'{tau:g}', (at, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(2, -2),
+                  textcoords='offset points', color='tab:red', ha='left', va='top', fontsize=8)
+    ax.set_xlabel('normalised reward' + ('\n(dashed: pooled quantiles of the per-source '
+                                         'percentile thresholds)' if mode != 'absolute' else
+                                         ' (dashed: thresholds)'))
+    ax.set_ylabel('records')
+    ax.set_title(f'Grow {g}: reward of its {len(rewards):,} records\n'
+                 f"thresholds tau = {', '.join(f'{t:g}' for t in used)} ({mode})", fontsize=10)
     paths.append(_save(fig, out_dir, f'reward_hist_grow_{g}.png'))
 
-  fig, ax = plt.subplots(figsize=(5, 4))
-  ax.plot([s['test_bleu'] for s in stages], [s['test_reward'] for s in stages], marker='o')
-  for s in stages:
-    ax.annotate(s['name'], (s['test_bleu'], s['test_reward']))
+  fig, ax = plt.subplots(figsize=(5.5, 4.2))
+  ax.plot([s['test_bleu'] for s in stages], [s['test_reward'] for s in stages], marker='o',
+          zorder=1)
+  for group, (bleu, value) in _stage_groups(stages, ('test_bleu', 'test_reward')):
+    hot = any(n in alarmed for n in group)
+    if hot:
+      ax.scatter([bleu], [value], s=80, facecolors='none', edgecolors='tab:red', zorder=2)
+    ax.annotate(textwrap.fill(', '.join(group), 18), (bleu, value), xytext=(5, 5),
+                textcoords='offset points', fontsize=8, color='tab:red' if hot else 'black')
+  ax.margins(x=0.2, y=0.15)
   ax.set_xlabel('test BLEU')
-  ax.set_ylabel('test RM reward')
-  ax.set_title('RM reward vs BLEU per stage')
+  ax.set_ylabel(f'test {reward}')
+  ax.set_title(f'{reward[0].upper() + reward[1:]} vs BLEU per stage'
+               + ('\n(red: reward-hacking alarm)' if alarmed else ''), fontsize=10)
   paths.append(_save(fig, out_dir, 'reward_vs_bleu.png'))
 
   if report['best_of_n']:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, b in report['best_of_n'].items():
+    order = lambda name: names.index(name) if name in names else len(names)
+    for name in sorted(report['best_of_n'], key=order):  # Stage order, not the JSON's.
+      b = report['best_of_n'][name]
       ax.plot(b['n'], b['reward'], marker='o', label=name)
     ax.set_xscale('log', base=2)
+    ns = sorted({n for b in report['best_of_n'].values() for n in b['n']})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel('N (samples reranked by the RM)')
-    ax.set_ylabel('test RM reward of the pick')
+    ax.set_ylabel(f'test {reward} of the pick')
     ax.set_title('Best-of-N')
     ax.legend()
     paths.append(_save(fig, out_dir, 'best_of_n.png'))
@@ -209,9 +256,11 @@ def plots(workdir: str, report: dict, grow_rewards: dict[int, np.ndarray] | None
 
 
 def _save(fig, out_dir, name):
+  """Saves `fig` as `out_dir/name` (100 dpi), cropped to what is drawn (titles, labels and
+  legends outside the axes included), and closes it."""
   path = os.path.join(out_dir, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, bbox_inches='tight', pad_inches=0.1)
   import matplotlib.pyplot as plt
   plt.close(fig)
   return path
@@ -228,6 +277,20 @@ def write_report(workdir: str, report: dict) -> None:
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(markdown(report))
   print(markdown(report))
+
+
+def replot(workdir: str) -> list[str]:
+  """Redraws the PNGs of a finished ReST or ReST-EM report from its `workdir/report.json` (the
+  Grow histograms only where the scored Grow records still exist); report.json and report.md are
+  left as they are. Returns the paths written."""
+  report = fileio.read_json(os.path.join(workdir, 'report.json'))
+  if 'iterations' in report:
+    return rest_em_plots(workdir, report)
+  from rest_jax.rewards import scoring
+  grow_rewards = {g['grow']: np.array([r['reward'] for r in
+                                       scoring.read_scored_records(g['scored_dir'])])
+                  for g in report['grows'] if os.path.isdir(g['scored_dir'])}
+  return plots(workdir, report, grow_rewards)
 
 
 # -- ReST-EM ------------------------------------------------------------------------------------
@@ -295,25 +358,34 @@ def rest_em_markdown(report: dict) -> str:
 def rest_em_plots(workdir: str, report: dict) -> list[str]:
   """PNGs in `workdir/plots/`: greedy pass@1 per iteration (test, test_hard, pool, dev; the
   controls as dashed lines) and pass@k curves per iteration. Returns the paths."""
+  import textwrap
+
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
   out_dir = os.path.join(workdir, 'plots')
   os.makedirs(out_dir, exist_ok=True)
   its, sampled = report['iterations'], report.get('sampled_split') or 'test'
   x = [it['iteration'] for it in its]
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  fig, ax = plt.subplots(figsize=(8, 4))
   for split in ('dev', 'test', 'test_hard', 'pool'):
     if f'{split}_pass1' in its[0]:
       ax.plot(x, [it[f'{split}_pass1'] for it in its], marker='o', label=split)
-  for name, c in report['controls'].items():
-    ax.axhline(c[f'{sampled}_pass1'], ls='--', lw=1, color='gray')
-    ax.text(x[-1], c[f'{sampled}_pass1'], f' {name}', fontsize=7, va='bottom', ha='right')
+  styles = ('--', ':', '-.')
+  # The controls are named in the legend: labels on their lines collided with each other.
+  known = list(EM_CONTROL_NAMES)
+  controls = sorted(report['controls'].items(),
+                    key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known))
+  for k, (name, c) in enumerate(controls):
+    label = f'control {EM_CONTROL_NAMES.get(name, name)} ({sampled})'
+    ax.axhline(c[f'{sampled}_pass1'], ls=styles[k % len(styles)], lw=1.2, color='gray',
+               label=textwrap.fill(label, 30))
   ax.set_xticks(x)
   ax.set_xlabel('EM iteration (0 = base model)')
   ax.set_ylabel('greedy pass@1 (%)')
   ax.set_title('ReST-EM: pass@1 per iteration')
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)
   paths = [_save(fig, out_dir, 'pass1_per_iteration.png')]
   key = f'{sampled}_pass_at_k'
   if key in its[0]:
@@ -322,6 +394,9 @@ def rest_em_plots(workdir: str, report: dict) -> list[str]:
       ks = sorted(it[key], key=int)
       ax.plot([int(k) for k in ks], [it[key][k] for k in ks], marker='o', label=it['name'])
     ax.set_xscale('log', base=2)
+    ks = sorted({int(k) for it in its for k in it[key]})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel('k')
     ax.set_ylabel(f'{sampled} pass@k (%)')
     ax.set_title('pass@k per iteration')

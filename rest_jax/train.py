@@ -23,17 +23,12 @@ from tqdm import tqdm
 
 from rest_jax import fileio
 from rest_jax import data as data_lib
-from rest_jax import evaluation, input_pipeline, partitioning, trainer as trainer_lib
+from rest_jax import evaluation, input_pipeline, partitioning, summaries, trainer as trainer_lib
 
 
 def _input_shapes(batch_size, inputs_length, targets_length):
   return {'encoder_input_tokens': (batch_size, inputs_length),
           'decoder_input_tokens': (batch_size, targets_length)}
-
-
-def _metric_writer(model_dir):
-  from clu import metric_writers  # Lazy: clu's TensorBoard writer pulls in TensorFlow.
-  return metric_writers.create_default_writer(model_dir, asynchronous=False)
 
 
 @gin.configurable(denylist=['model_dir'])
@@ -111,7 +106,8 @@ def train(model_dir: str,
                train_data.num_truncated, len(dev))
 
   mesh = partitioning.create_mesh()
-  t = trainer_lib.Trainer(model, trainer_lib.make_optimizer(), mesh,
+  optimizer, schedule = trainer_lib.make_optimizer(with_schedule=True)
+  t = trainer_lib.Trainer(model, optimizer, mesh,
                           num_microbatches=num_microbatches, seed=seed)
   shapes = _input_shapes(batch_size, inputs_length, targets_length)
   init_params = None
@@ -137,7 +133,7 @@ def train(model_dir: str,
     logging.info('resumed from step %d', start_step)
 
   batcher = data_lib.ArrayBatcher(train_data.arrays, batch_size, seed=seed)
-  writer = _metric_writer(model_dir) if jax.process_index() == 0 else None
+  writer = summaries.metric_writer(model_dir)
   pending_marks = [m for m in eval_at_minutes
                    if m not in [e['minutes'] for e in summary['eval_at_minutes']]]
   train_seconds = summary['train_seconds']
@@ -186,6 +182,8 @@ def train(model_dir: str,
         writer.write_scalars(step, {'train/loss': metrics['loss'],
                                     'train/accuracy': metrics.get('accuracy', np.nan),
                                     'train/target_tokens_per_s': rate,
+                                    'train/learning_rate': summaries.last_learning_rate(
+                                        schedule, step),
                                     'train/minutes': train_seconds / 60})
       while pending_marks and train_seconds >= pending_marks[0] * 60:
         mark = pending_marks.pop(0)

@@ -46,7 +46,8 @@ def make_optimizer(learning_rate: float = 1e-3,
                    b1: float = 0.9,
                    b2: float = 0.98,
                    eps: float = 1e-9,
-                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+                   clip_norm: float | None = 1.0,
+                   with_schedule: bool = False):
   """AdamW (Loshchilov & Hutter 2019) with a warm-up + decay schedule.
 
   Args:
@@ -58,6 +59,11 @@ def make_optimizer(learning_rate: float = 1e-3,
     weight_decay: decoupled weight decay, applied to kernels and embeddings (rank >= 2) only.
     b1, b2, eps: Adam moments; b2 = 0.98 as in Vaswani et al. 2017.
     clip_norm: global gradient-norm clipping threshold, None for none.
+    with_schedule: also return the schedule (for logging): `(optimizer, lr)`, `lr(count)` the
+      learning rate of update `count` (0-based, an int32 array).
+
+  Returns:
+    The optax transformation (or the pair, `with_schedule`).
 
   Raises:
     ValueError: an unknown `schedule`.
@@ -79,7 +85,8 @@ def make_optimizer(learning_rate: float = 1e-3,
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
-  return optax.chain(*parts)
+  opt = optax.chain(*parts)
+  return (opt, lr) if with_schedule else opt
 
 
 @flax.struct.dataclass

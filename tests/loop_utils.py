@@ -1,4 +1,5 @@
-"""Helpers of the loop tests (`test_rest.py`, `test_rest_em.py`): run the CLI, read a report."""
+"""Helpers of the loop tests (`test_rest.py`, `test_rest_em.py`): run the CLI, read a report, read
+TensorBoard scalars."""
 
 import json
 import os
@@ -28,3 +29,13 @@ def strip(obj: Any, keys: Sequence[str]) -> Any:
 def report(workdir: str) -> dict:
   with open(os.path.join(workdir, 'report.json')) as f:
     return json.load(f)
+
+
+def tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
+  """The scalars of the event files in `logdir` as TensorBoard reads them: tag -> {step: value}."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return {tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+          for tag in acc.Tags()['tensors']}

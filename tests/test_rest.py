@@ -15,7 +15,7 @@ import sacrebleu
 from rest_jax import evaluation, main as main_lib, report as report_lib, rest as rest_lib
 from rest_jax.rewards import metrics, train_rm
 
-from loop_utils import report as _report, run, strip
+from loop_utils import report as _report, run, strip, tensorboard_scalars
 
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
@@ -87,6 +87,46 @@ def test_reward_hacking_alarms_on_hand_made_stages():
   assert {a['measure'] for a in only_bleu} == {'test_bleu'} and len(only_bleu) == 4
   assert report_lib.reward_hacking_alarms(stages, bleu_drop=5.0, oracle_drop=5.0) == [
       a for a in alarms if a['stage'] == 'G1I3' and a['versus'] == 'bc']
+
+
+def test_report_plots_draw_oracle_and_alarms_and_keep_text_inside(tmp_path, monkeypatch):
+  """The committed reports' plots (and Grow histograms of made-up rewards): every title, label,
+  tick and legend inside the figure; the reward plot shows the test oracle and the alarms."""
+  drawn = {}
+  save = report_lib._save
+
+  def check(fig, out_dir, name):
+    fig.tight_layout()
+    fig.canvas.draw()
+    box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()
+    drawn[name] = (box.x0, box.y0, w - box.x1, h - box.y1)  # Margins, inches: < 0 = cut off.
+    if name == 'reward_per_stage.png':
+      ax = fig.axes[0]
+      drawn['lines'] = {l.get_label(): list(l.get_ydata()) for l in ax.get_lines()}
+      drawn['spans'] = sorted((p.get_x() + p.get_width() / 2) for p in ax.patches)
+    return save(fig, out_dir, name)
+  monkeypatch.setattr(report_lib, '_save', check)
+  with open('results/rest_main_cpu/report.json') as f:
+    report = json.load(f)
+  rewards = {g['grow']: np.random.default_rng(0).beta(2, 3, g['records'])
+             for g in report['grows']}
+  report_lib.plots(str(tmp_path / 'rest'), report, rewards)
+  with open('results/rest_em_main_cpu/report.json') as f:
+    report_lib.rest_em_plots(str(tmp_path / 'em'), json.load(f))
+  assert sorted(n for n in drawn if n.endswith('.png')) == [
+      'best_of_n.png', 'pass1_per_iteration.png', 'pass_at_k.png', 'reward_hist_grow_1.png',
+      'reward_hist_grow_2.png', 'reward_per_stage.png', 'reward_vs_bleu.png']
+  for name in drawn:
+    if name.endswith('.png'):
+      assert min(drawn[name]) >= -0.01, (name, drawn[name])
+  stages = report['stages']
+  assert drawn['lines']['test oracle (chrF+TER)'] == [s['test_oracle'] for s in stages]
+  assert drawn['lines']['test RM reward'] == [s['test_reward'] for s in stages]
+  names = [s['name'] for s in stages]
+  alarmed = sorted({names.index(a['stage']) for a in report['alarms']})
+  assert alarmed == [3, 4]  # G1I2 and G1I3 (report.json): one shaded band each.
+  np.testing.assert_allclose(drawn['spans'], alarmed)
+  assert os.path.exists(tmp_path / 'rest' / 'plots' / 'reward_hist_grow_2.png')
 
 
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -203,3 +243,21 @@ def test_rest_loop_with_a_metric_reward(tmp_path):
     assert np.isclose(s['test_oracle'], s['test_reward'], atol=1e-3)  # The reward is the oracle.
   with open(os.path.join(workdir, 'report.md')) as f:
     assert "the metric 'chrf+ter' against the reference" in f.read()
+  # TensorBoard (`tensorboard --logdir workdir`): one run per stage folder, train and dev curves.
+  bc = tensorboard_scalars(os.path.join(workdir, 'bc'))
+  for tag in ('train/loss', 'train/accuracy', 'train/learning_rate', 'dev/bleu', 'dev/chrf'):
+    assert list(bc[tag]) == [4], tag  # train.num_steps=4: the last step, and the final dev eval.
+  assert bc['train/learning_rate'][4] > 0
+  for i in (0, 1):
+    step_dir = os.path.join(workdir, f'improve_1_{i}')
+    tb = tensorboard_scalars(step_dir)
+    with open(os.path.join(step_dir, 'improve_summary.json')) as f:
+      history = json.load(f)['history']
+    evals = [e['step'] for e in history]
+    assert evals == [0, 2, 4]  # improve.eval_every_steps=2, num_steps=4, the start policy at 0.
+    for key in ('reward', 'bleu', 'chrf'):
+      np.testing.assert_allclose([tb[f'dev/{key}'][k] for k in evals],
+                                 [e[key] for e in history], rtol=1e-6)
+    for tag in ('train/loss', 'train/nll', 'train/learning_rate', 'train/minutes'):
+      assert list(tb[tag]) == [2, 4], (i, tag)  # At the evaluations (fewer than 10 steps).
+    assert 'train/num_tokens' not in tb

@@ -279,6 +279,24 @@ def test_train_reward_model_outputs_and_loading(rm_dir, grow_dir):
                                 tokenize=tokenize, corpus=CORPUS)
 
 
+def test_train_reward_model_writes_tensorboard_scalars(rm_dir):
+  """TensorBoard shows the RM's training curves and its dev evaluation, at the summary's values."""
+  from loop_utils import tensorboard_scalars
+  out, summary = rm_dir
+  scalars = tensorboard_scalars(str(out))
+  for tag in ('train/loss', 'train/pairwise_accuracy', 'train/learning_rate', 'train/minutes'):
+    assert list(scalars[tag]) == [6], tag  # 6 steps: logged at the last one.
+  assert np.isclose(scalars['train/loss'][6], summary['final_loss'])
+  # Cosine schedule, warm-up 2, decaying to 0 at step 6: the 6th update's rate, lr(5) > 0.
+  lr = scalars['train/learning_rate'][6]
+  assert np.isclose(lr, 5e-3 * 0.5 * (1 + np.cos(np.pi * 3 / 4)), rtol=1e-5)
+  dev = summary['dev']
+  for prefix, part in (('dev/', 'grow_records'), ('dev/with_negatives/', 'with_negatives')):
+    for k in ('pairwise_accuracy', 'kendall_tau', 'pearson'):
+      assert list(scalars[prefix + k]) == [6]
+      np.testing.assert_allclose(scalars[prefix + k][6], dev[part]['chrf'][k], rtol=1e-6)
+
+
 def scored_files(d):
   return sorted(f for f in os.listdir(d) if f.startswith('scored-'))
 

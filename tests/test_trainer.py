@@ -138,6 +138,14 @@ def test_learning_rate_schedules():
     trainer_lib.make_optimizer(schedule='linear')
   # Adam's first update has magnitude lr(step 0) (sign of the gradient); lr(0) = 1/4 with warm-up 4.
   np.testing.assert_allclose(np.abs(lr_at(opt, 0)['w']), 0.25, rtol=1e-3)
+  # with_schedule: the schedule the optimizer applies (a constant gradient: |update k| = lr(k)).
+  for name in ('rsqrt', 'cosine', 'constant'):
+    opt, lr = trainer_lib.make_optimizer(learning_rate=1.0, warmup_steps=4, schedule=name,
+                                         decay_steps=10, clip_norm=None, weight_decay=0.0,
+                                         with_schedule=True)
+    for k in (0, 3, 6):
+      np.testing.assert_allclose(np.abs(lr_at(opt, k)['w']), float(lr(np.int32(k))), rtol=1e-3)
+  assert float(lr(np.int32(6))) == 1.0  # constant after the warm-up.
 
 
 def test_batcher_is_a_pure_function_of_step():

@@ -37,8 +37,12 @@ records are mapped to 0 / 1 (`model.calibrate`, clipped), stored in `rm_config.j
 
 Outputs in `output_dir`: `checkpoints/` (orbax, `trainer.Checkpointer`), `rm_config.json` (model
 config, calibration, task, oracle, objective), `rm_summary.json` (written last: settings, dev
-metrics, steps, minutes, counts). A finished output dir is returned as is on a rerun with the same
-settings; training itself is not resumable (a killed run starts over).
+metrics, steps, minutes, counts), TensorBoard event files (`rest_jax.summaries`: `train/loss`,
+`train/pairwise_accuracy`, `train/learning_rate`, `train/minutes` every 10 steps and at the last;
+the dev metrics against the oracle at the last step: `dev/pairwise_accuracy`, `dev/kendall_tau`,
+`dev/pearson` on the Grow records, `dev/with_negatives/...` with the negatives). A finished
+output dir is returned as is on a rerun with the same settings; training itself is not resumable
+(a killed run starts over, its event files removed).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from tqdm import tqdm
 
 from rest_jax import data as data_lib
 from rest_jax import fileio, grow as grow_lib, inference, partitioning, records as records_lib
-from rest_jax import trainer as trainer_lib
+from rest_jax import summaries, trainer as trainer_lib
 from rest_jax.models import base
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import model as rm_model
@@ -319,7 +323,8 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
         objective: str = 'bradley_terry', num_steps: int = 1000, batch_size: int = 16,
         learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 1e-4,
         max_minutes: float | None = None, seed: int = 0, mesh=None, params: Any = None,
-        train_embedding: bool = True, desc: str = 'train_rm') -> tuple[Any, dict[str, Any]]:
+        train_embedding: bool = True, desc: str = 'train_rm',
+        writer=None) -> tuple[Any, dict[str, Any]]:
   """Trains a fresh `RewardModel` on `pack_by_source` arrays.
 
   Args:
@@ -335,6 +340,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     params: start from these (unboxed) params instead of a random init (`init_params`).
     train_embedding: False keeps the token embedding fixed (e.g. at its LSI init): the other
       parameters are few, so the model learns rules instead of memorising tokens.
+    writer: a `summaries.metric_writer` for the `train/*` scalars (None: none written).
 
   Returns:
     (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds, final_loss,
@@ -348,9 +354,10 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   num_sources = len(arrays['mask'])
   if num_sources < bs:
     raise ValueError(f'{num_sources} training sources cannot fill one batch of {bs}')
-  opt = trainer_lib.make_optimizer(
+  opt, schedule = trainer_lib.make_optimizer(
       learning_rate=learning_rate, warmup_steps=warmup_steps, schedule='cosine',
-      decay_steps=num_steps, weight_decay=weight_decay, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0)
+      decay_steps=num_steps, weight_decay=weight_decay, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0,
+      with_schedule=True)
   if not train_embedding:
     label = lambda p: {k: (jax.tree.map(lambda _: 'frozen', v) if k == 'token_embedder' else
                            jax.tree.map(lambda _: 'train', v)) for k, v in p.items()}
@@ -364,6 +371,13 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   bar = tqdm(total=num_steps, desc=desc, unit='step', dynamic_ncols=True, mininterval=2.0,
              disable=jax.process_index() != 0)
   m, step = {}, 0
+
+  def log(m):
+    if writer:
+      writer.write_scalars(step, summaries.train_scalars(
+          m, summaries.last_learning_rate(schedule, step),
+          minutes=(time.perf_counter() - start) / 60))
+
   while step < num_steps:
     if max_minutes is not None and time.perf_counter() - start >= max_minutes * 60:
       break
@@ -376,8 +390,11 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
       m = jax.device_get(m)
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['pairwise_accuracy']:.3f}")
+      log(m)
   bar.close()
   m = jax.device_get(m)
+  if m and step % 10 and step != num_steps:  # Stopped by max_minutes between two logs.
+    log(m)
   info = dict(steps=step, train_seconds=time.perf_counter() - start,
               final_loss=float(m.get('loss', np.nan)),
               final_train_pairwise_accuracy=float(m.get('pairwise_accuracy', np.nan)))
@@ -517,6 +534,9 @@ def train_reward_model(output_dir: str,
   start = time.perf_counter()
   os.makedirs(output_dir, exist_ok=True)
   shutil.rmtree(os.path.join(output_dir, 'checkpoints'), ignore_errors=True)  # A killed run's.
+  for name in os.listdir(output_dir):  # A killed run's curves: this run starts over at step 0.
+    if name.startswith('events.out.tfevents.'):
+      os.remove(os.path.join(output_dir, name))
   if tokenize is None:
     tokenize = rm_model.text_tokenizer(task)
 
@@ -551,11 +571,13 @@ def train_reward_model(output_dir: str,
 
   mesh = mesh if mesh is not None else partitioning.create_mesh()
   arrays = pack_by_source(train, train.labels[oracle], config.max_len)
+  writer = summaries.metric_writer(output_dir)
   state, info = fit(config, arrays, objective=objective, num_steps=num_steps,
                     batch_size=batch_size, learning_rate=learning_rate,
                     warmup_steps=warmup_steps, weight_decay=weight_decay,
                     max_minutes=max_minutes, seed=seed, mesh=mesh,
-                    params=init_params(config, seed, embedding), train_embedding=train_embedding)
+                    params=init_params(config, seed, embedding), train_embedding=train_embedding,
+                    writer=writer)
 
   scorer = rm_model.RewardScorer(config, state.params, None, task=task, mesh=mesh)
   raw = scorer.raw_scores(dev.source_ids, dev.candidate_ids, eval_batch_size)
@@ -576,6 +598,14 @@ def train_reward_model(output_dir: str,
     by_kind[kind] = dict(mean_reward=float(rm_model.calibrate(raw[sel], calibration).mean()),
                          mean_oracle=float(dev.labels[oracle][sel].mean()), count=int(sel.sum()))
   dev_metrics['by_kind'] = by_kind
+  if writer:
+    scalars = {}
+    for part, prefix in (('grow_records', 'dev/'), ('with_negatives', 'dev/with_negatives/')):
+      for k, v in dev_metrics.get(part, {}).get(oracle, {}).items():
+        if k != 'num_pairs':
+          scalars[prefix + k] = v
+    writer.write_scalars(info['steps'], scalars)
+    writer.close()
 
   ckpt = trainer_lib.Checkpointer(output_dir, keep=1)
   ckpt.save(state)
