@@ -17,7 +17,6 @@ training, or a ReST loss (`rest_jax.losses`) for Improve. Nothing here imports T
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -91,7 +90,7 @@ class TrainState:
 
 
 class Trainer:
-  """Owns the mesh, the shardings and the jitted steps of one training run.
+  """Owns the mesh, the shardings and the jitted train step of one training run.
 
   Args:
     model: an `EncoderDecoderModel` (t5x-style: `get_initial_variables`, `loss_fn`).
@@ -228,14 +227,6 @@ class Trainer:
           donate_argnums=(0,))
     with self.mesh_context():
       return self._train_step(state, batch, jax.random.PRNGKey(self.seed))
-
-  @functools.cached_property
-  def eval_step(self) -> Callable[[Any, Mapping[str, jax.Array]], dict]:
-    """`(params, batch) -> metrics` of `loss_fn` without dropout, jitted."""
-    def step(params, batch):
-      _, metrics = self.loss_fn(params, batch, None)
-      return metrics
-    return jax.jit(step)
 
 
 class _MeshContext:
