@@ -264,6 +264,9 @@ def improve(model_dir: str,
 
   Raises:
     ValueError: no record passes the threshold; NaN rewards; unknown loss.
+    trainer.NonFiniteLossError: a NaN / infinite loss (read every 10 steps) or non-finite params
+      before an evaluation: that state is not saved; the message names the step and the last
+      good checkpoint.
   """
   start = time.perf_counter()
   os.makedirs(model_dir, exist_ok=True)
@@ -315,6 +318,7 @@ def improve(model_dir: str,
                                                  abstract['prior'])
   state = t.init_state(shapes, params=params)
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_reward')
+  guard = trainer_lib.LossGuard(model_dir, ckpt)
   restored = ckpt.restore_latest(state)
   history: list[dict] = []
   if restored is not None:
@@ -329,6 +333,7 @@ def improve(model_dir: str,
     return trainer_lib.TrainState(step=s.step, params=s.params['policy'], opt_state=None)
 
   def evaluate(s, known=None):
+    guard.check(s)  # Before the state is evaluated and saved (best and latest checkpoints).
     m = dict(known) if known else dev_reward(model, s.params['policy'], dev, scorer, detok,
                                              max_decode_len,
                                              decode_length_ratio=decode_length_ratio)
@@ -360,7 +365,9 @@ def improve(model_dir: str,
         step, num_steps, start_kl, end_kl), np.float32)
     state, metrics = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
+    guard.add(step, metrics['loss'])
     if step % 10 == 0:
+      guard.check()
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
     if step % eval_every_steps == 0 or step == num_steps:
