@@ -89,6 +89,56 @@ def test_reward_hacking_alarms_on_hand_made_stages():
       a for a in alarms if a['stage'] == 'G1I3' and a['versus'] == 'bc']
 
 
+def test_best_of_n_by_hand(monkeypatch):
+  """`best_of_n` on fixed samples and rewards: for each N the reward model's favourite of the first
+  N samples of each source (ties: the first), against picks worked out by hand."""
+  from rest_jax import input_pipeline
+  words = {i: w for i, w in enumerate(
+      'PAD EOS x the cat sat on a mat dog ran far away big red car stops'.split())}
+  rewards = np.array([[0.2, 0.9, 0.1, 0.5],    # source 0: N=1 -> 0, N=2 -> 1, N=4 -> 1
+                      [0.6, 0.3, 0.8, 0.7],    # source 1: 0, 0, 2
+                      [0.4, 0.4, 0.4, 1.0]])   # source 2: 0, 0 (tie: the first), 3
+  picks = {1: [0, 0, 0], 2: [1, 0, 0], 4: [1, 2, 3]}
+  cand = lambda b, j: [3 + 4 * b + j] * (1 + j % 2) + [1]   # Lengths 2 or 3 (EOS last).
+  tokens = np.full((3, 4, 5), 31, np.int32)                  # 31: garbage past each length.
+  lengths = np.zeros((3, 4), np.int32)
+  for b in range(3):
+    for j in range(4):
+      tokens[b, j, :len(cand(b, j))], lengths[b, j] = cand(b, j), len(cand(b, j))
+  detok = lambda ids: ' '.join(words[i] for i in ids if i > 1)
+  refs = ['the the', 'dog ran', 'red red car']
+  test = input_pipeline.TaskData(
+      {'encoder_input_tokens': np.array([[5, 1, 0], [6, 7, 1], [8, 1, 0]], np.int32)},
+      ['s0', 's1', 's2'], refs, ['k0', 'k1', 'k2'], 0)
+  calls = {}
+
+  def sample(model, params, enc, index, seed, num_decodes, temperature, **kw):
+    calls.update(num_decodes=num_decodes, temperature=temperature, seed=seed)
+    return {'tokens': tokens, 'lengths': lengths}
+
+  class Scorer:
+    def score_ids(self, sources, ids, references=None, batch_size=None):
+      src = [[5, 1], [6, 7, 1], [8, 1]]
+      assert sources == [src[k // 4] for k in range(12)]
+      assert references == [refs[k // 4] for k in range(12)]
+      return np.array([rewards[k // 4, k % 4] if ids[k] == cand(k // 4, k % 4) else np.nan
+                       for k in range(12)], np.float32)
+
+  monkeypatch.setattr(rest_lib, '_policy_params', lambda *a: None)
+  monkeypatch.setattr(rest_lib.grow_lib, 'sample_candidates', sample)
+  out = rest_lib.best_of_n(None, 'unused', Scorer(), test, detok, ns=(1, 2, 4), temperature=0.7,
+                           seed=3)
+  assert calls == {'num_decodes': 4, 'temperature': 0.7, 'seed': 3}
+  assert out['n'] == [1, 2, 4] and out['sources'] == 3
+  np.testing.assert_allclose(out['reward'], [100 * 1.2 / 3, 100 * 1.9 / 3, 100 * 2.7 / 3],
+                             rtol=1e-6)
+  for k, n in enumerate((1, 2, 4)):
+    hyps = [detok(cand(b, j)) for b, j in enumerate(picks[n])]
+    assert out['chrf'][k] == sacrebleu.corpus_chrf(hyps, [refs]).score
+    assert out['bleu'][k] == sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert len(set(out['chrf'])) == 3  # The picks differ, so a wrong pick would show.
+
+
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   straight = str(tmp_path / 'straight')
   run(['rest', f'--workdir={straight}'] + TINY)
@@ -106,9 +156,8 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert kept[0] > kept[1] >= kept[2] > 0           # ... and the schedule keeps fewer and fewer.
   assert report['grows'][0]['sources'] == 16 and report['grows'][0]['samples_drawn'] == 48
   assert set(report['best_of_n']) == {'bc', 'G1I2'}
-  for b in report['best_of_n'].values():
-    assert b['n'] == [1, 2, 4]
-    assert b['reward'][0] <= b['reward'][1] <= b['reward'][2]  # Nested candidate sets.
+  for b in report['best_of_n'].values():  # The picks themselves: test_best_of_n_by_hand.
+    assert b['n'] == [1, 2, 4] and all(0.0 <= r <= 100.0 for r in b['reward'])
   assert report['bleu_signature'].startswith('nrefs:1|case:mixed')
   assert sorted(report['plots']) == ['plots/best_of_n.png', 'plots/reward_hist_grow_1.png',
                                      'plots/reward_per_stage.png', 'plots/reward_vs_bleu.png']
