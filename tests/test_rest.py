@@ -20,7 +20,7 @@ from loop_utils import report as _report, run, strip
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
     '--gin.rest.bc_params_file=None', '--gin.rest.num_grow_steps=1',
-    '--gin.rest.num_improve_steps=2',
+    '--gin.rest.improve_steps_per_grow=3',
     '--gin.rest.dev_examples=8', '--gin.rest.test_examples=8', '--gin.rest.best_of_n_examples=8',
     "--gin.rest.best_of_n_stages=('bc', 'last')",
     '--gin.models.TransformerConfig.emb_dim=32', '--gin.models.TransformerConfig.mlp_dim=64',
@@ -87,6 +87,26 @@ def test_reward_hacking_alarms_on_hand_made_stages():
   assert {a['measure'] for a in only_bleu} == {'test_bleu'} and len(only_bleu) == 4
   assert report_lib.reward_hacking_alarms(stages, bleu_drop=5.0, oracle_drop=5.0) == [
       a for a in alarms if a['stage'] == 'G1I3' and a['versus'] == 'bc']
+
+
+def test_improve_steps_per_grow_and_the_old_name(tmp_path):
+  count = rest_lib.improve_step_count
+  assert count(None, None) == 3 and count(4, None) == 4
+  # The old `num_improve_steps` was the last step index: `= 3` ran steps 0..3, and still does.
+  assert count(None, 3) == 4 and count(4, 3) == 4
+  with pytest.raises(ValueError, match='disagree'):
+    count(3, 3)
+  with pytest.raises(ValueError, match='>= 1'):
+    count(0, None)
+  # Too many steps for the (default, 6-threshold) schedule: refused before any work.
+  with pytest.raises(ValueError, match='improve_steps_per_grow=7 needs 7 thresholds'):
+    rest_lib.rest(str(tmp_path), model=None, improve_steps_per_grow=7)
+  # The main job's config: four steps per Grow under the new name; an old file's binding parses.
+  main_lib.parse_gin(['gin_configs/runs/rest_libreoffice_de_en_cpu.gin'], [])
+  assert gin.query_parameter('rest.improve_steps_per_grow') == 4
+  assert gin.query_parameter('compare_losses.improve_steps_per_grow') == 3
+  gin.parse_config('rest.num_improve_steps = 3')
+  assert count(None, gin.query_parameter('rest.num_improve_steps')) == 4
 
 
 def test_best_of_n_by_hand(monkeypatch):
@@ -182,7 +202,7 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
   # Improve steps, 'gold' runs its own.
   run(['compare_losses', f'--workdir={straight}'] + TINY + [
-      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.num_improve_steps=1',
+      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.improve_steps_per_grow=2',
       '--gin.compare_losses.dev_examples=8', '--gin.compare_losses.test_examples=8'])
   with open(os.path.join(straight, 'losses.json')) as f:
     losses = json.load(f)
@@ -219,7 +239,7 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   shared = str(tmp_path / 'shared_rm')
   run(['rest', f'--workdir={shared}'] + TINY + [
       f"--gin.rest.rm_dir='{straight}/rm'", f"--gin.rest.bc_policy_dir='{straight}/bc'",
-      '--gin.rest.num_improve_steps=0', '--gin.rest.best_of_n_stages=()'])
+      '--gin.rest.improve_steps_per_grow=1', '--gin.rest.best_of_n_stages=()'])
   assert not os.path.exists(os.path.join(shared, 'rm'))
   with open(os.path.join(shared, 'scored_1', 'settings.json')) as f:
     assert json.load(f)['settings']['rm_dir'] == os.path.join(straight, 'rm')
@@ -236,7 +256,7 @@ def test_rest_loop_with_a_metric_reward(tmp_path):
   reported by the metric against the reference."""
   workdir = str(tmp_path / 'metric')
   run(['rest', f'--workdir={workdir}'] + TINY + [
-      "--gin.rest.reward='chrf+ter'", '--gin.rest.num_improve_steps=1',
+      "--gin.rest.reward='chrf+ter'", '--gin.rest.improve_steps_per_grow=2',
       '--gin.rest.best_of_n_stages=()'])
   report = _report(workdir)
   assert report['reward'] == 'chrf+ter' and not os.path.exists(os.path.join(workdir, 'rm'))
