@@ -64,8 +64,11 @@ def train(model_dir: str,
     model: an `EncoderDecoderModel` (gin: `MODEL`).
     task: SeqIO task name.
     batch_size: global batch (sentence pairs).
-    inputs_length, targets_length: feature lengths (tokens); batches are trimmed to the longest
-      row rounded up to 16 tokens.
+    inputs_length, targets_length: feature lengths (tokens; SeqIO cuts longer rows, EOS kept).
+      Each batch is then trimmed to the smallest of `data.ArrayBatcher`'s length buckets (16,
+      32, 64, 128 tokens) that holds its longest source and target, sources and targets to that
+      same length (at most their feature length; a longest row over 128 tokens keeps its own
+      length), so the step compiles once per bucket.
     num_steps: stop after this many optimizer steps.
     max_minutes: also stop after this much training time (minutes; None: no limit).
     eval_every_steps: dev greedy BLEU on `eval_examples` dev pairs, keep-best checkpoint by it.
