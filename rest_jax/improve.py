@@ -8,7 +8,9 @@ stops once it has not improved for `patience` evaluations. The best policy seeds
 
 Parameters during Improve are `{'policy', 'aux', 'prior'}` (see `losses`): the policy being
 fine-tuned, loss-owned trainable parameters (the value head of `oac`) and, for losses with a KL
-term, the frozen BC policy (the optimizer leaves it untouched: `optax.set_to_zero`). The best
+term, the frozen BC policy (the optimizer leaves it untouched: `optax.set_to_zero`; which policy
+that is: `resolve_prior_policy_dir`, the same BC policy in the ReST loop and in a standalone
+`rest-jax improve` from any step of it). The best
 checkpoint (`<model_dir>/best`) holds the *policy params only*, in the layout of a `rest-jax train`
 run, so `trainer.restore_params(model_dir, ...)` reads an Improve step like a BC run (Grow, eval
 and the next Improve step all do). `<model_dir>/checkpoints` holds the whole state for resume.
@@ -192,6 +194,40 @@ def select_training_data(records: Sequence[Mapping[str, Any]], tau: float, mode:
   return out, stats
 
 
+def resolve_prior_policy_dir(init_policy_dir: str, prior_policy_dir: str | None = None) -> str:
+  """The frozen prior of the losses with a KL term (`bvmpo`): the BC policy of the Improve chain.
+
+  `prior_policy_dir` if given (the ReST loop passes its `bc/`). Otherwise derived from
+  `init_policy_dir`: a run without `improve_summary.json` (a BC / `rest-jax train` run) is the
+  prior itself; an Improve step is followed back, through its recorded `prior_policy_dir` (set
+  by steps that had a prior) or else its `init_policy_dir`, until such a run. So a standalone
+  `rest-jax improve` from the previous Improve step regularises toward the BC policy the chain
+  started from, as the loop does, and not toward the previous step (ReST: "KL to the BC policy").
+
+  Returns:
+    The prior's directory, absolute.
+  Raises:
+    ValueError: an Improve step in the chain names no existing start policy (e.g. a moved work
+      directory) or the chain loops: set `improve.prior_policy_dir`.
+  """
+  if prior_policy_dir:
+    return os.path.abspath(prior_policy_dir)
+  d, seen = os.path.abspath(init_policy_dir), set()
+  while os.path.exists(os.path.join(d, 'improve_summary.json')):
+    seen.add(d)
+    with open(os.path.join(d, 'improve_summary.json')) as f:
+      s = json.load(f)
+    recorded = s.get('prior_policy_dir')
+    nxt = recorded or s.get('init_policy_dir')
+    if not nxt or not os.path.isdir(nxt) or os.path.abspath(nxt) in seen:
+      raise ValueError(f'cannot derive the BC prior from the Improve step {d}: its start policy '
+                       f'{nxt!r} is missing; set improve.prior_policy_dir')
+    if recorded:
+      return os.path.abspath(recorded)
+    d = os.path.abspath(nxt)
+  return d
+
+
 def dev_reward(model, params, dev: input_pipeline.TaskData, scorer, detokenize: Callable,
                max_decode_len: int = 128, batch_size: int = 64,
                decode_length_ratio: float | None = 2.0) -> dict[str, float]:
@@ -248,8 +284,9 @@ def improve(model_dir: str,
     reward: what measures the dev reward when no `scorer` is given: 'rm' (the model in
       `rm_dir`), a verifier ('verifier', 'verifier_steps': dev pass@1 in percent) or a metric
       against the references ('chrf+ter', ...).
-    prior_policy_dir: the BC policy, for losses with a KL to it (`bvmpo`); default
-      `init_policy_dir`.
+    prior_policy_dir: the BC policy, for losses with a KL to it (`bvmpo`); default: derived from
+      `init_policy_dir` (itself if a BC run, else the BC policy its Improve chain started from;
+      `resolve_prior_policy_dir`).
     task: SeqIO task (dev split, vocabulary).
     tau, threshold_mode: this step's threshold, 'absolute' or 'percentile' (`filtering`).
     loss: a registered loss name (`losses.LOSSES`).
@@ -258,7 +295,8 @@ def improve(model_dir: str,
     eval_every_steps: dev reward period (steps); also at step 0 (the starting policy).
     patience: stop after this many evaluations without a new best dev reward.
     dev_examples: first dev pairs used for the dev reward.
-    kl_anneal: (start, end) of the KL weight, annealed geometrically over `num_steps`.
+    kl_anneal: (start, end) of the KL weight, annealed geometrically over this step's
+      `num_steps`, restarting at every Improve step (`losses.kl_weight_schedule`).
     seed: data order and dropout seed.
     origins: the origins of the kept records that are trained on (`select_training_data`);
       ('reference',) trains on the kept original pairs only (a control, not ReST).
@@ -273,10 +311,14 @@ def improve(model_dir: str,
 
   Returns:
     The summary (also `model_dir/improve_summary.json`): filtering stats, steps, minutes, the dev
-    reward history, the best dev reward and its step.
+    reward history, the best dev reward and its step, init_policy_dir and prior_policy_dir
+    (absolute; None for a loss without a prior).
 
   Raises:
-    ValueError: no record passes the threshold; NaN rewards; unknown loss.
+    ValueError: no record passes the threshold; NaN rewards; unknown loss; no derivable prior.
+    trainer.NonFiniteLossError: a NaN / infinite loss (read every 10 steps) or non-finite params
+      before an evaluation: that state is not saved; the message names the step and the last
+      good checkpoint.
   """
   start = time.perf_counter()
   os.makedirs(model_dir, exist_ok=True)
@@ -316,6 +358,7 @@ def improve(model_dir: str,
                                         max_examples=dev_examples)
 
   with_prior = losses.needs_prior(loss)
+  prior_dir = resolve_prior_policy_dir(init_policy_dir, prior_policy_dir) if with_prior else None
   wrapped = ImproveModel(model, loss, with_prior)
   mesh = partitioning.create_mesh()
   optimizer, schedule = _optimizer(with_prior)
@@ -327,10 +370,11 @@ def improve(model_dir: str,
   params = {'policy': policy,
             'aux': nn.meta.unbox(losses.init_aux_params(loss, model, jax.random.PRNGKey(seed)))}
   if with_prior:
-    params['prior'] = trainer_lib.restore_params(prior_policy_dir or init_policy_dir,
-                                                 abstract['prior'])
+    logging.info('improve: KL prior %s', prior_dir)
+    params['prior'] = trainer_lib.restore_params(prior_dir, abstract['prior'])
   state = t.init_state(shapes, params=params)
   ckpt = trainer_lib.Checkpointer(model_dir, best_metric='dev_reward')
+  guard = trainer_lib.LossGuard(model_dir, ckpt)
   restored = ckpt.restore_latest(state)
   history: list[dict] = []
   if restored is not None:
@@ -346,6 +390,7 @@ def improve(model_dir: str,
     return trainer_lib.TrainState(step=s.step, params=s.params['policy'], opt_state=None)
 
   def evaluate(s, known=None):
+    guard.check(s)  # Before the state is evaluated and saved (best and latest checkpoints).
     m = dict(known) if known else dev_reward(model, s.params['policy'], dev, scorer, detok,
                                              max_decode_len,
                                              decode_length_ratio=decode_length_ratio)
@@ -388,8 +433,10 @@ def improve(model_dir: str,
     batch['kl_weight'] = np.full((batch_size,), kl, np.float32)
     state, metrics = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
+    guard.add(step, metrics['loss'])
     evaluating = step % eval_every_steps == 0 or step == num_steps
     if step % 10 == 0:
+      guard.check()
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
     if step % 10 == 0 or evaluating:
@@ -411,6 +458,7 @@ def improve(model_dir: str,
                  threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
                  best_dev_reward=best['reward'], best_step=best['step'],
                  stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),
+                 prior_policy_dir=prior_dir,
                  wall_seconds=time.perf_counter() - start, complete=True,
                  final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
   fileio.write_json(summary_path, summary)

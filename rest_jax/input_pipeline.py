@@ -1,7 +1,10 @@
 """The data edge: SeqIO tasks -> padded numpy arrays (+ their texts), cached per task and split.
 
-This is the one place where the training code touches TensorFlow / SeqIO (imported lazily), so the
-core (model, decoding, trainer, losses) stays importable without them. A task's split is run once
+This is where the training code reads SeqIO / TensorFlow data (imported lazily). TensorFlow is
+also imported, lazily inside the functions that need it, for Grow's TFRecord chunks (`grow.py`),
+the scored records (`rewards/scoring.py`) and clu's TensorBoard writer (`train.py`), so the core
+(model, decoding, trainer, losses, Grow's sampling) stays importable without it (checked by
+`tests/test_grow.py`). A task's split is run once
 through its SeqIO pipeline and laid out as `seqio.EncDecFeatureConverter` (no packing) would, as
 numpy arrays:
 

@@ -19,7 +19,9 @@ Batch fields ([B] / [B, T] arrays; rows whose loss weights are all 0 are padding
   decoder_loss_weights [B, T] f32 (w: 1 on real target tokens),
   reward [B] f32 in [0, 1] (normalised reward-model score of the record),
   source_baseline [B] f32 (mean reward of all Grow records of the record's source),
-  kl_weight [B] f32 (the annealed KL coefficient of this step, the same on every row; `bvmpo`).
+  kl_weight [B] f32 (the annealed KL coefficient of this step, the same on every row; `bvmpo`;
+    annealed from 1 to 1e-5 within each Improve step, restarting at the next: our choice, the
+    reason in `kl_weight_schedule`).
 
 Every loss is `fn(model, params, batch, rng, **hparams) -> (loss [] f32, metrics)`; `rng` is
 the dropout key (None: no dropout, e.g. eval). Metrics are scalars and always contain
@@ -150,8 +152,20 @@ def kl_weight_schedule(step: int, num_steps: int, start: float = 1.0, end: float
   """Geometric anneal of the KL coefficient from `start` (step 0) to `end` (step >= num_steps).
 
   kl(step) = start * (end / start) ** min(step / num_steps, 1), i.e. linear in log space
-  (ReST anneals the BVMPO KL weight from 1 to 1e-5; geometric interpolation is our choice).
-  Host-side Python (the caller puts the value in `batch['kl_weight']`); num_steps <= 0 -> end.
+  (ReST, Gulcehre et al. 2023, arXiv 2308.08998: the BVMPO KL weight is annealed from 1 to 1e-5;
+  geometric interpolation is our choice). Host-side Python (the caller puts the value in
+  `batch['kl_weight']`); num_steps <= 0 -> end.
+
+  Our choice: the anneal restarts at every Improve step. `improve.improve` calls this with its
+  own step counter and `num_steps` (`improve.kl_anneal`), so every Improve step starts at weight
+  1 (close to the BC prior) and ends near 1e-5, in the ReST loop as in a standalone
+  `rest-jax improve`. Why: the paper gives the range, not the horizon; an Improve step is a
+  self-contained fine-tune (fresh optimizer, its own threshold, data and early stopping) whose
+  length is known when it starts, while the loop's total is not (early stopping), and a restart
+  keeps a step's result independent of how many steps ran before it (resume, `compare_losses`).
+  The cost: each step is pulled back toward the BC policy at its start (the prior stays the BC
+  policy throughout; `improve.resolve_prior_policy_dir`). Note that the anneal runs over
+  `num_steps`, so a step stopped early ends at a weight above `end`.
 
   Raises:
     ValueError: start or end <= 0.
@@ -384,7 +398,8 @@ def bvmpo(model, params, batch, rng, *, eps_eta: float = 0.1, top_fraction: floa
   psi_b = softmax_kept(A_b / eta); temperature eta = argmin of the dual
   L(eta) = eta eps_eta + eta log mean_kept exp(A / eta) (`solve_eta`). ReST replaces V-MPO's
   KL trust region to the old policy by a KL to the BC policy (`params['prior']`) whose
-  coefficient is annealed (from 1 to 1e-5; the caller passes it as `batch['kl_weight']`):
+  coefficient is annealed (from 1 to 1e-5 over each Improve step, `kl_weight_schedule`; the
+  caller passes it as `batch['kl_weight']`):
 
     lp_b   = sum_t w_bt log pi(y_bt) / sum_t w_bt        (normalize_by_length; else the sum)
     KL_bt  = sum_v pi_prior(v | ctx_bt) (log pi_prior(v | ctx_bt) - log pi(v | ctx_bt))

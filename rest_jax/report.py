@@ -3,9 +3,14 @@
 Table 1 of Gulcehre et al. 2023 lists the average reward-model score of BC, of ReST after Grow 1
 with Improve steps I = 0 .. I_max, and after Grow 2; we add test BLEU / chrF (reference metrics,
 sacreBLEU signatures in the footer), the number of records each Improve step trained on, the
-distinct samples of each Grow and each stage's minutes. The reward-hacking alarm (the paper's PPO
-raised its reward while losing about 8 BLEU) fires when a stage's test RM reward rises while its
-test BLEU falls by more than `alarm_bleu_drop` points, against the previous stage or BC.
+distinct samples of each Grow and each stage's minutes. The reward-hacking alarms (the paper's
+PPO raised its reward while losing about 8 BLEU; `reward_hacking_alarms`) fire when a stage's test
+reward (the loop's reward: the learned RM or a metric) rises over the previous stage's or BC's
+while, against that same stage, its test BLEU falls by more than `alarm_bleu_drop` points or its
+test oracle (`test_oracle`: the mean sentence `evaluate_policy.oracle` metric vs the reference,
+chrF+TER by default, 0-100) by more than `alarm_oracle_drop` (None: that check is off; a stage
+without the measure is skipped); a stage that kept its start policy (the same test reward and
+BLEU as the stage before) raises none of its own.
 """
 
 from __future__ import annotations

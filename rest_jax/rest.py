@@ -1,6 +1,6 @@
 """`rest-jax rest`: the ReST loop (Gulcehre et al. 2023, arXiv 2308.08998, Algorithm 1).
 
-    BC policy -> for g = 1..G: Grow_g -> score_g -> Improve_{g,0..I}  -> evaluation, report
+    BC policy -> for g = 1..G: Grow_g -> score_g -> Improve_{g,0..I-1}  -> evaluation, report
 
 All stages live in one work directory, each in its own folder with a completion marker
 (`stage.json`: the stage's result and timing) and its gin config:
@@ -16,7 +16,8 @@ All stages live in one work directory, each in its own folder with a completion 
 
 A killed loop resumes at the stage where it stopped (Grow, scoring and Improve also resume inside
 the stage, from their chunks and checkpoints). Stage names in the report follow the paper's Table
-1: `bc`, `G1I0` (Grow 1, Improve step 0 at tau_0 = 0.0: all records), `G1I2`, `G2I0`, ...
+1: `bc`, `G1I0` (Grow 1, Improve step 0 at tau_0 = 0.0: all records), `G1I2`, `G2I0`, ...; each
+Grow runs I = `rest.improve_steps_per_grow` Improve steps, indexed 0..I-1.
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def _run_stage(stage_dir: str, fn, *args, **kwargs) -> dict:
   result = dict(result, minutes=(time.perf_counter() - start) / 60)
   tqdm.write(f'[rest] {os.path.basename(stage_dir)} done in {result["minutes"]:.1f} min')
   return _mark_done(stage_dir, result)
+
+
+def improve_step_count(improve_steps_per_grow: int | None, num_improve_steps: int | None,
+                       default: int = 3) -> int:
+  """How many Improve steps each Grow runs (steps 0..n-1), from the new name or the old one.
+
+  `num_improve_steps` is the old name (gin files before the rename), which meant the *last step
+  index* (so `num_improve_steps = 3` ran four steps, 0..3); it is still read, as
+  `num_improve_steps + 1` steps. None for both: `default`.
+
+  Raises:
+    ValueError: both given and they disagree; fewer than 1 step.
+  """
+  old = None if num_improve_steps is None else num_improve_steps + 1
+  if old is not None:
+    logging.warning('num_improve_steps (the last Improve step index) is deprecated: use '
+                    'improve_steps_per_grow = %d (the number of steps)', old)
+    if improve_steps_per_grow is not None and improve_steps_per_grow != old:
+      raise ValueError(f'improve_steps_per_grow={improve_steps_per_grow} and the old '
+                       f'num_improve_steps={num_improve_steps} (= {old} steps) disagree')
+  n = improve_steps_per_grow if improve_steps_per_grow is not None else old
+  n = default if n is None else n
+  if n < 1:
+    raise ValueError(f'improve_steps_per_grow must be >= 1, got {n}')
+  return n
 
 
 def _policy_params(model, policy_dir: str, mesh):
@@ -211,7 +237,8 @@ def rest(workdir: str,
          bc_params_file: str | None = None,
          bc_policy_dir: str | None = None,
          num_grow_steps: int = 2,
-         num_improve_steps: int = 2,
+         improve_steps_per_grow: int | None = None,
+         num_improve_steps: int | None = None,
          reward: str = 'rm',
          rm_dir: str | None = None,
          retrain_rm: bool = False,
@@ -232,8 +259,11 @@ def rest(workdir: str,
     bc_params_file: start from this shipped policy (`fileio.save_params_npz` file) ...
     bc_policy_dir: ... or from this `rest-jax train` run; with neither, `bc/` is trained here by
       `train.train` (its gin bindings: `train.max_minutes`, ...).
-    num_grow_steps: G. num_improve_steps: I, the last Improve step index of each Grow: steps
-      0..I use the thresholds tau_0..tau_I of `filtering.threshold_schedule` (tau_0 = 0.0).
+    num_grow_steps: G. improve_steps_per_grow: I, the number of Improve steps of each Grow
+      (None: 3): steps 0..I-1 use the thresholds tau_0..tau_{I-1} of
+      `filtering.threshold_schedule` (tau_0 = 0.0).
+    num_improve_steps: the old name, deprecated: the last step index, i.e. I - 1
+      (`improve_step_count`); still read so that older gin files run what they ran.
     reward: 'rm' (the learned reward model, trained on grow_1) or a reference-based metric
       ('chrf+ter', 'bleu', ...; `rewards.metrics.MetricScorer`): the reward that scores Grow,
       selects Improve checkpoints on dev, reranks best-of-N and is reported. With a metric no
@@ -254,10 +284,16 @@ def rest(workdir: str,
 
   Raises:
     ValueError: `rm_dir` with `retrain_rm` or with a metric `reward`; fewer thresholds than
-      `num_improve_steps + 1`.
+      `improve_steps_per_grow`; the two names of it given and disagreeing.
   """
   from rest_jax import train as train_lib
   from rest_jax.rewards import model as rm_model, scoring, train_rm
+  schedule = filtering.threshold_schedule()
+  taus, mode = [t.tau for t in schedule], schedule[0].mode
+  improve_steps = improve_step_count(improve_steps_per_grow, num_improve_steps)
+  if improve_steps > len(taus):
+    raise ValueError(f'improve_steps_per_grow={improve_steps} needs {improve_steps} thresholds, '
+                     f'the schedule has {len(taus)}: {taus}')
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   cache = os.path.join(os.path.abspath(workdir), 'cache')
@@ -268,11 +304,6 @@ def rest(workdir: str,
                                         max_examples=dev_examples)
   test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
                                          max_examples=test_examples)
-  schedule = filtering.threshold_schedule()
-  taus, mode = [t.tau for t in schedule], schedule[0].mode
-  if num_improve_steps + 1 > len(taus):
-    raise ValueError(f'num_improve_steps={num_improve_steps} needs {num_improve_steps + 1} '
-                     f'thresholds, the schedule has {len(taus)}: {taus}')
   loss_name = gin.query_parameter('improve.loss') if _bound('improve.loss') else 'bc'
   if rm_dir and (retrain_rm or reward != 'rm'):
     raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
@@ -328,7 +359,7 @@ def rest(workdir: str,
                       rm_dir=rm_dir, grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
                       counts=gr['manifest']['counts']))
     records = None
-    for i in range(num_improve_steps + 1):
+    for i in range(improve_steps):
       step_dir = os.path.join(workdir, f'improve_{g}_{i}')
       if _stage_done(step_dir) is None and records is None:
         records = scoring.read_scored_records(scored_dir)
@@ -387,7 +418,8 @@ def compare_losses(workdir: str,
                    losses: Sequence[str] = ('bc', 'gold', 'bvmpo', 'oac'),
                    reference_control: bool = True,
                    grow_step: int = 1,
-                   num_improve_steps: int = 2,
+                   improve_steps_per_grow: int | None = None,
+                   num_improve_steps: int | None = None,
                    task: str = 'libreoffice_help_de_en',
                    dev_examples: int = 200,
                    test_examples: int | None = 500,
@@ -396,7 +428,8 @@ def compare_losses(workdir: str,
   """The offline-RL losses compared on the same scored Grow data (ReST sec. 5, Table 1's losses).
 
   Reads a finished loop in `workdir` (its `bc/` or the policy that grew `grow_<grow_step>`, `rm/`,
-  `scored_<grow_step>/`) and, for every loss, runs Improve steps 0..`num_improve_steps` from that
+  `scored_<grow_step>/`) and, for every loss, runs Improve steps 0..I-1 (I =
+  `improve_steps_per_grow`, None: 3; `num_improve_steps`, the old name, is I - 1) from that
   Grow's policy into `workdir/losses/<loss>/improve_<g>_<i>/`, then evaluates the last one on
   test (`workdir/losses/<loss>/eval/`). An Improve step the loop itself already ran with the same
   loss, threshold and starting policy (the loop's own loss) is reused from
@@ -429,6 +462,8 @@ def compare_losses(workdir: str,
     scorer, rm_dir = metrics_lib.MetricScorer(reward, detok), None
   schedule = filtering.threshold_schedule()
   taus, mode = [t.tau for t in schedule], schedule[0].mode
+  improve_steps = improve_step_count(improve_steps_per_grow, num_improve_steps)
+  last = improve_steps - 1
   start_dir = os.path.join(workdir, 'losses', 'start_eval')
   start = _run_stage(start_dir, evaluate_policy, model, start_policy, scorer, dev, test, detok,
                      out_dir=start_dir)
@@ -441,7 +476,7 @@ def compare_losses(workdir: str,
     policy_dir = start_policy
     prev_dev = {k: start[f'dev_{k}'] for k in ('reward', 'bleu', 'chrf')}
     kept = []
-    for i in range(num_improve_steps + 1):
+    for i in range(improve_steps):
       step_dir = os.path.join(workdir, 'losses', name, f'improve_{grow_step}_{i}')
       loop_dir = os.path.join(workdir, f'improve_{grow_step}_{i}')
       if name == loss and _same_improve(loop_dir, loss, taus[i], mode, policy_dir):
@@ -461,19 +496,19 @@ def compare_losses(workdir: str,
     ev_dir = os.path.join(workdir, 'losses', name, 'eval')
     ev = _run_stage(ev_dir, evaluate_policy, model, step_dir, scorer, None, test, detok,
                     out_dir=ev_dir)
-    rows.append(dict(loss=name, stage=f'G{grow_step}I{num_improve_steps}',
+    rows.append(dict(loss=name, stage=f'G{grow_step}I{last}',
                      origins=list(origins), train_records=kept,
                      dev_reward=prev_dev['reward'], test_reward=ev['test_reward'],
                      test_bleu=ev['test_bleu'], test_chrf=ev['test_chrf'],
                      test_oracle=ev.get('test_oracle')))
   result = {'start': {k: start.get(k) for k in ('dev_reward', 'test_reward', 'test_oracle',
                                                 'test_bleu', 'test_chrf')},
-            'start_policy': start_policy, 'losses': rows, 'taus': taus[:num_improve_steps + 1],
+            'start_policy': start_policy, 'losses': rows, 'taus': taus[:improve_steps],
             'mode': mode, 'reward': reward, 'bleu_signature': start['bleu_signature']}
   fileio.write_json(os.path.join(workdir, 'losses.json'), result)
   f2 = report_lib.fmt
   lines = [f'# Offline-RL losses on the same Grow {grow_step} data', '',
-           f'Improve steps 0..{num_improve_steps} (tau {taus[:num_improve_steps + 1]}, {mode}) '
+           f'Improve steps 0..{last} (tau {taus[:improve_steps]}, {mode}) '
            f'from `{start_policy}`; rewards: '
            f"{'learned RM' if reward == 'rm' else repr(reward) + ' vs the reference'}, 0-100; "
            "oracle: mean sentence 'chrf+ter' vs the reference, 0-100; BLEU: greedy, "

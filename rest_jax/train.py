@@ -60,8 +60,11 @@ def train(model_dir: str,
     model: an `EncoderDecoderModel` (gin: `MODEL`).
     task: SeqIO task name.
     batch_size: global batch (sentence pairs).
-    inputs_length, targets_length: feature lengths (tokens); batches are trimmed to the longest
-      row rounded up to 16 tokens.
+    inputs_length, targets_length: feature lengths (tokens; SeqIO cuts longer rows, EOS kept).
+      Each batch is then trimmed to the smallest of `data.ArrayBatcher`'s length buckets (16,
+      32, 64, 128 tokens) that holds its longest source and target, sources and targets to that
+      same length (at most their feature length; a longest row over 128 tokens keeps its own
+      length), so the step compiles once per bucket.
     num_steps: stop after this many optimizer steps.
     max_minutes: also stop after this much training time (minutes; None: no limit).
     eval_every_steps: dev greedy BLEU on `eval_examples` dev pairs, keep-best checkpoint by it.
@@ -86,6 +89,11 @@ def train(model_dir: str,
   Returns:
     Summary dict (steps, minutes, best dev BLEU, eval-at-minutes results), also written to
     `model_dir/train_summary.json`.
+
+  Raises:
+    trainer.NonFiniteLossError: a NaN / infinite loss (checked every step, read at the 20-step
+      metric sync) or non-finite params before a checkpoint save or dev evaluation; that state
+      is not saved and the message names the step and the last good checkpoint.
   """
   os.makedirs(model_dir, exist_ok=True)
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
@@ -121,6 +129,7 @@ def train(model_dir: str,
     verifier = verifiers.make_scorer(dev_metric, detok)
   ckpt = trainer_lib.Checkpointer(model_dir,
                                   best_metric='dev_bleu' if verifier is None else 'dev_pass1')
+  guard = trainer_lib.LossGuard(model_dir, ckpt)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
@@ -143,6 +152,7 @@ def train(model_dir: str,
   metrics = {}
 
   def dev_eval(step):
+    guard.check(state)  # Before a state is evaluated for, and saved as, the best checkpoint.
     if verifier is not None:
       ids = evaluation.predict_ids(model, state.params, dev.arrays['encoder_input_tokens'],
                                    max_decode_len=max_decode_len,
@@ -169,8 +179,10 @@ def train(model_dir: str,
     batch = partitioning.shard_batch(batcher.batch_at(step), mesh)
     state, metrics = t.train_step(state, batch)
     step += 1
+    guard.add(step, metrics['loss'])
     if step % 20 == 0 or step == num_steps:
       metrics = jax.device_get(metrics)
+      guard.check()
       now = time.perf_counter()
       train_seconds += now - clock
       rate = float(metrics['num_tokens']) * 20 / max(now - clock, 1e-9)
@@ -196,6 +208,7 @@ def train(model_dir: str,
       dev_eval(step)
       clock = time.perf_counter()
     if step % checkpoint_every_steps == 0:
+      guard.check(state)
       summary['train_seconds'] = train_seconds
       ckpt.save(state)
       fileio.write_json(summary_path, summary)
@@ -210,6 +223,7 @@ def train(model_dir: str,
     summary['eval_at_minutes'] += [dict(final, minutes=mark) for mark in pending_marks]
   summary.update(steps=step, train_seconds=train_seconds, final_dev=final_dev,
                  best_dev=ckpt.best_metrics(), task=task, batch_size=batch_size)
+  guard.check(state)
   ckpt.save(state)
   fileio.write_json(summary_path, summary)
   if writer:

@@ -10,6 +10,8 @@ Pieces:
     the dropout RNG of step `s` is `fold_in(rng, s)`, so a run is a pure function of its seed.
   * `Checkpointer`: orbax `CheckpointManager`s for the latest state (exact resume) and the best
     params by a dev metric (keep-best), with the gin config saved beside every checkpoint.
+  * `LossGuard`: the NaN guard of the training loops (`train`, `improve`, `train_rm`): a NaN or
+    infinite loss stops the run with `NonFiniteLossError` before its state is saved.
 
 The loss is any `loss_fn(params, batch, rng) -> (loss, metrics)`: the model's cross-entropy for BC
 training, or a ReST loss (`rest_jax.losses`) for Improve. Nothing here imports TensorFlow.
@@ -27,6 +29,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
@@ -97,7 +100,7 @@ class TrainState:
 
 
 class Trainer:
-  """Owns the mesh, the shardings and the jitted steps of one training run.
+  """Owns the mesh, the shardings and the jitted train step of one training run.
 
   Args:
     model: a `models.base.BaseModel` (t5x-style: `get_initial_variables`, `loss_fn`), e.g. an
@@ -240,14 +243,6 @@ class Trainer:
     with self.mesh_context():
       return self._train_step(state, batch, jax.random.PRNGKey(self.seed))
 
-  @functools.cached_property
-  def eval_step(self) -> Callable[[Any, Mapping[str, jax.Array]], dict]:
-    """`(params, batch) -> metrics` of `loss_fn` without dropout, jitted."""
-    def step(params, batch):
-      _, metrics = self.loss_fn(params, batch, None)
-      return metrics
-    return jax.jit(step)
-
 
 class _MeshContext:
   def __init__(self, mesh):
@@ -328,6 +323,91 @@ class Checkpointer:
     cfg = self.best.restore(self.best.best_step(),
                             args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return cfg.config['metrics']
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A NaN or infinite training loss or parameter, found by `LossGuard`; nothing of it was saved.
+
+  Attributes:
+    step: the optimizer step (1-based: the loss of the step-th update, or the state after it).
+    last_good: the last checkpoints saved before it, as in the message ('none' if none).
+  """
+
+  def __init__(self, message: str, step: int, last_good: str):
+    super().__init__(message)
+    self.step = step
+    self.last_good = last_good
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """[] bool: every float leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class LossGuard:
+  """The NaN guard of a training loop: a non-finite loss stops the run before it is saved.
+
+  `add(step, loss)` after every train step keeps that step's loss (a device scalar: no host
+  sync); `check()` at the loop's metric sync (where it `device_get`s its metrics anyway) reads all
+  the losses kept since the last check, so the first bad step is named exactly whatever the sync
+  period; `check(state)` before every checkpoint save (and before evaluating a state for one)
+  also checks that the state's params are finite (a NaN / inf learning rate makes the params
+  non-finite one step before the loss is). Saved states therefore always passed both checks.
+
+  Args:
+    run: how the messages name the run (its output folder).
+    checkpointer: the run's `Checkpointer`, whose latest (and best) checkpoint the message names
+      as the last good one; None for a run that saves only after training (`train_rm.fit`).
+
+  Raises (from `check`):
+    NonFiniteLossError (a FloatingPointError): the message names the run, the step, the bad
+      value and the last good checkpoint (path and step).
+  """
+
+  def __init__(self, run: str, checkpointer: 'Checkpointer | None' = None):
+    self.run = run
+    self.checkpointer = checkpointer
+    self._pending: list[tuple[int, jax.Array]] = []
+
+  def add(self, step: int, loss: jax.Array) -> None:
+    """Keeps the loss of optimizer step `step` (the update that made the state of step `step`)."""
+    self._pending.append((int(step), loss))
+
+  def check(self, state: TrainState | None = None) -> None:
+    """Checks the kept losses (in step order), then, if given, `state`'s params.
+
+    Raises:
+      NonFiniteLossError: a NaN or infinite kept loss, or a non-finite param in `state`.
+    """
+    pending, self._pending = self._pending, []
+    if pending:
+      for (step, _), value in zip(pending, jax.device_get([loss for _, loss in pending])):
+        if not np.isfinite(value):
+          self._fail(step, f'non-finite training loss {float(value)}')
+    if state is not None and not bool(jax.device_get(_all_finite(state.params))):
+      self._fail(int(jax.device_get(state.step)), 'non-finite parameters')
+
+  def last_good(self) -> str:
+    """The checkpoints saved so far: 'latest <path> (step s)[, best <path> (step b)]', or 'none'."""
+    ckpt = self.checkpointer
+    if ckpt is None:
+      return 'none (this run saves only after training)'
+    found = []
+    for kind, mngr, step in (('latest', ckpt.latest, ckpt.latest.latest_step()),
+                             ('best', ckpt.best, ckpt.best.best_step() if ckpt.best else None)):
+      if step is not None:
+        found.append(f'{kind} {os.path.join(str(mngr.directory), str(step))} (step {step})')
+    return ', '.join(found) or 'none (no checkpoint saved yet)'
+
+  def _fail(self, step: int, what: str):
+    last = self.last_good()
+    raise NonFiniteLossError(
+        f'{self.run}: {what} at step {step}; stopping, the state of step {step} is not saved. '
+        f'Last good checkpoint: {last}. A rerun resumes there and repeats the same steps: lower '
+        'the learning rate or check the data.', step, last)
 
 
 def abstract_params(model, mesh) -> Any:

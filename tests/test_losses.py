@@ -2,6 +2,7 @@
 from the model's logits; reductions (bc = NLL, gold(u=1) = reward-weighted NLL, ReST-EM NLL on the
 positives); BVMPO's selection, weights, dual and KL; OAC's critic; exact microbatch combination."""
 
+import dataclasses
 import functools
 import math
 
@@ -299,24 +300,61 @@ def test_bvmpo_solved_eta_minimises_the_dual():
   np.testing.assert_allclose(loss, _np_bvmpo(ADV, keep, eta, PRIOR)[0], rtol=1e-5)
 
 
-def test_oac_matches_hand_value():
-  c = 0.7
-  _, tok = np_logp()
-  enc = np.asarray(ENCODE(POLICY, BATCH['encoder_input_tokens']), np.float64)
+def _np_oac(enc, tok, c):
+  """(loss, actor loss, value loss, advantage [B]) of OAC by hand from the encoder output
+  [B, S, emb] and the target log-probs [B, T]."""
+  enc = np.asarray(enc, np.float64)
   mask = (np.asarray(BATCH['encoder_input_tokens']) != 0)[..., None]
   pooled = (enc * mask).sum(1) / mask.sum(1)
   value = pooled @ np.asarray(AUX['kernel'], np.float64)[:, 0] + float(AUX['bias'][0])
   adv = R - value
   actor = -(W * adv[:, None] * tok).sum() / W.sum()
   vloss = (W.sum(1) * (R - value) ** 2).sum() / W.sum()
+  return actor + c * vloss, actor, vloss, adv
+
+
+def test_oac_matches_hand_value():
+  c = 0.7
+  _, tok = np_logp()
+  want, actor, vloss, adv = _np_oac(ENCODE(POLICY, BATCH['encoder_input_tokens']), tok, c)
   loss, m = run('oac', params(aux=AUX), value_coef=c)
-  np.testing.assert_allclose(loss, actor + c * vloss, rtol=1e-5)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(m['actor_loss'], actor, rtol=1e-5)
   np.testing.assert_allclose(m['value_loss'], vloss, rtol=1e-5)
   np.testing.assert_allclose(m['mean_advantage'], adv[:5].mean(), rtol=1e-5)
-  # The dropout-rng path (dropout_rate 0 here) computes the same.
-  loss_rng, _ = run('oac', params(aux=AUX), rng=jax.random.PRNGKey(5), value_coef=c)
-  np.testing.assert_allclose(loss_rng, loss, rtol=1e-6)
+
+
+def test_oac_dropout_path_matches_hand_value():
+  """With dropout (rate 0.3, the same params) the encoder runs once, under the first half of the
+  split key, and both the decoder (second half) and the value head read that output."""
+  c = 0.7
+  module = Transformer(dataclasses.replace(CFG, dropout_rate=0.3))
+  model = EncoderDecoderModel(module)
+  rng = jax.random.PRNGKey(5)
+  enc_rng, dec_rng = jax.random.split(rng)
+  tokens, variables = BATCH['encoder_input_tokens'], {'params': POLICY}
+
+  @jit
+  def forward():
+    enc = module.apply(variables, tokens, enable_dropout=True, rngs={'dropout': enc_rng},
+                       method='encode')
+    logits = module.apply(variables, enc, tokens, BATCH['decoder_input_tokens'],
+                          enable_dropout=True, rngs={'dropout': dec_rng}, method='decode')
+    return enc, logits
+
+  enc, logits = forward()
+  lp = np_log_softmax(logits)
+  tok = np.take_along_axis(lp, np.asarray(BATCH['decoder_target_tokens'])[..., None], -1)[..., 0]
+  want = _np_oac(enc, tok, c)[0]
+  oac = jit(lambda p, r: losses.oac(model, p, BATCH, r, value_coef=c)[0])
+  loss = float(oac(params(aux=AUX), rng))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # Dropout really acts (else this compares a computation with itself), on the value head too.
+  no_dropout = float(oac(params(aux=AUX), None))
+  np.testing.assert_allclose(no_dropout, run('oac', params(aux=AUX), value_coef=c)[0], rtol=1e-5)
+  assert abs(loss - no_dropout) > 1e-3
+  deterministic_value = _np_oac(ENCODE(POLICY, tokens), tok, c)[0]
+  assert abs(deterministic_value - want) > 1e-4
 
 
 def test_oac_value_head_learns_the_reward_and_critic_spares_the_policy():

@@ -20,7 +20,7 @@ from loop_utils import report as _report, run, strip, tensorboard_scalars
 TINY = [
     '--gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin',
     '--gin.rest.bc_params_file=None', '--gin.rest.num_grow_steps=1',
-    '--gin.rest.num_improve_steps=2',
+    '--gin.rest.improve_steps_per_grow=3',
     '--gin.rest.dev_examples=8', '--gin.rest.test_examples=8', '--gin.rest.best_of_n_examples=8',
     "--gin.rest.best_of_n_stages=('bc', 'last')",
     '--gin.models.TransformerConfig.emb_dim=32', '--gin.models.TransformerConfig.mlp_dim=64',
@@ -129,6 +129,76 @@ def test_report_plots_draw_oracle_and_alarms_and_keep_text_inside(tmp_path, monk
   assert os.path.exists(tmp_path / 'rest' / 'plots' / 'reward_hist_grow_2.png')
 
 
+def test_improve_steps_per_grow_and_the_old_name(tmp_path):
+  count = rest_lib.improve_step_count
+  assert count(None, None) == 3 and count(4, None) == 4
+  # The old `num_improve_steps` was the last step index: `= 3` ran steps 0..3, and still does.
+  assert count(None, 3) == 4 and count(4, 3) == 4
+  with pytest.raises(ValueError, match='disagree'):
+    count(3, 3)
+  with pytest.raises(ValueError, match='>= 1'):
+    count(0, None)
+  # Too many steps for the (default, 6-threshold) schedule: refused before any work.
+  with pytest.raises(ValueError, match='improve_steps_per_grow=7 needs 7 thresholds'):
+    rest_lib.rest(str(tmp_path), model=None, improve_steps_per_grow=7)
+  # The main job's config: four steps per Grow under the new name; an old file's binding parses.
+  main_lib.parse_gin(['gin_configs/runs/rest_libreoffice_de_en_cpu.gin'], [])
+  assert gin.query_parameter('rest.improve_steps_per_grow') == 4
+  assert gin.query_parameter('compare_losses.improve_steps_per_grow') == 3
+  gin.parse_config('rest.num_improve_steps = 3')
+  assert count(None, gin.query_parameter('rest.num_improve_steps')) == 4
+
+
+def test_best_of_n_by_hand(monkeypatch):
+  """`best_of_n` on fixed samples and rewards: for each N the reward model's favourite of the first
+  N samples of each source (ties: the first), against picks worked out by hand."""
+  from rest_jax import input_pipeline
+  words = {i: w for i, w in enumerate(
+      'PAD EOS x the cat sat on a mat dog ran far away big red car stops'.split())}
+  rewards = np.array([[0.2, 0.9, 0.1, 0.5],    # source 0: N=1 -> 0, N=2 -> 1, N=4 -> 1
+                      [0.6, 0.3, 0.8, 0.7],    # source 1: 0, 0, 2
+                      [0.4, 0.4, 0.4, 1.0]])   # source 2: 0, 0 (tie: the first), 3
+  picks = {1: [0, 0, 0], 2: [1, 0, 0], 4: [1, 2, 3]}
+  cand = lambda b, j: [3 + 4 * b + j] * (1 + j % 2) + [1]   # Lengths 2 or 3 (EOS last).
+  tokens = np.full((3, 4, 5), 31, np.int32)                  # 31: garbage past each length.
+  lengths = np.zeros((3, 4), np.int32)
+  for b in range(3):
+    for j in range(4):
+      tokens[b, j, :len(cand(b, j))], lengths[b, j] = cand(b, j), len(cand(b, j))
+  detok = lambda ids: ' '.join(words[i] for i in ids if i > 1)
+  refs = ['the the', 'dog ran', 'red red car']
+  test = input_pipeline.TaskData(
+      {'encoder_input_tokens': np.array([[5, 1, 0], [6, 7, 1], [8, 1, 0]], np.int32)},
+      ['s0', 's1', 's2'], refs, ['k0', 'k1', 'k2'], 0)
+  calls = {}
+
+  def sample(model, params, enc, index, seed, num_decodes, temperature, **kw):
+    calls.update(num_decodes=num_decodes, temperature=temperature, seed=seed)
+    return {'tokens': tokens, 'lengths': lengths}
+
+  class Scorer:
+    def score_ids(self, sources, ids, references=None, batch_size=None):
+      src = [[5, 1], [6, 7, 1], [8, 1]]
+      assert sources == [src[k // 4] for k in range(12)]
+      assert references == [refs[k // 4] for k in range(12)]
+      return np.array([rewards[k // 4, k % 4] if ids[k] == cand(k // 4, k % 4) else np.nan
+                       for k in range(12)], np.float32)
+
+  monkeypatch.setattr(rest_lib, '_policy_params', lambda *a: None)
+  monkeypatch.setattr(rest_lib.grow_lib, 'sample_candidates', sample)
+  out = rest_lib.best_of_n(None, 'unused', Scorer(), test, detok, ns=(1, 2, 4), temperature=0.7,
+                           seed=3)
+  assert calls == {'num_decodes': 4, 'temperature': 0.7, 'seed': 3}
+  assert out['n'] == [1, 2, 4] and out['sources'] == 3
+  np.testing.assert_allclose(out['reward'], [100 * 1.2 / 3, 100 * 1.9 / 3, 100 * 2.7 / 3],
+                             rtol=1e-6)
+  for k, n in enumerate((1, 2, 4)):
+    hyps = [detok(cand(b, j)) for b, j in enumerate(picks[n])]
+    assert out['chrf'][k] == sacrebleu.corpus_chrf(hyps, [refs]).score
+    assert out['bleu'][k] == sacrebleu.corpus_bleu(hyps, [refs]).score
+  assert len(set(out['chrf'])) == 3  # The picks differ, so a wrong pick would show.
+
+
 def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   straight = str(tmp_path / 'straight')
   run(['rest', f'--workdir={straight}'] + TINY)
@@ -146,9 +216,8 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   assert kept[0] > kept[1] >= kept[2] > 0           # ... and the schedule keeps fewer and fewer.
   assert report['grows'][0]['sources'] == 16 and report['grows'][0]['samples_drawn'] == 48
   assert set(report['best_of_n']) == {'bc', 'G1I2'}
-  for b in report['best_of_n'].values():
-    assert b['n'] == [1, 2, 4]
-    assert b['reward'][0] <= b['reward'][1] <= b['reward'][2]  # Nested candidate sets.
+  for b in report['best_of_n'].values():  # The picks themselves: test_best_of_n_by_hand.
+    assert b['n'] == [1, 2, 4] and all(0.0 <= r <= 100.0 for r in b['reward'])
   assert report['bleu_signature'].startswith('nrefs:1|case:mixed')
   assert sorted(report['plots']) == ['plots/best_of_n.png', 'plots/reward_hist_grow_1.png',
                                      'plots/reward_per_stage.png', 'plots/reward_vs_bleu.png']
@@ -173,7 +242,7 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   # The losses compared on the same Grow 1 data: 'bc' (the loop's loss) reuses the loop's own
   # Improve steps, 'gold' runs its own.
   run(['compare_losses', f'--workdir={straight}'] + TINY + [
-      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.num_improve_steps=1',
+      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.improve_steps_per_grow=2',
       '--gin.compare_losses.dev_examples=8', '--gin.compare_losses.test_examples=8'])
   with open(os.path.join(straight, 'losses.json')) as f:
     losses = json.load(f)
@@ -210,7 +279,7 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
   shared = str(tmp_path / 'shared_rm')
   run(['rest', f'--workdir={shared}'] + TINY + [
       f"--gin.rest.rm_dir='{straight}/rm'", f"--gin.rest.bc_policy_dir='{straight}/bc'",
-      '--gin.rest.num_improve_steps=0', '--gin.rest.best_of_n_stages=()'])
+      '--gin.rest.improve_steps_per_grow=1', '--gin.rest.best_of_n_stages=()'])
   assert not os.path.exists(os.path.join(shared, 'rm'))
   with open(os.path.join(shared, 'scored_1', 'settings.json')) as f:
     assert json.load(f)['settings']['rm_dir'] == os.path.join(straight, 'rm')
@@ -227,7 +296,7 @@ def test_rest_loop_with_a_metric_reward(tmp_path):
   reported by the metric against the reference."""
   workdir = str(tmp_path / 'metric')
   run(['rest', f'--workdir={workdir}'] + TINY + [
-      "--gin.rest.reward='chrf+ter'", '--gin.rest.num_improve_steps=1',
+      "--gin.rest.reward='chrf+ter'", '--gin.rest.improve_steps_per_grow=2',
       '--gin.rest.best_of_n_stages=()'])
   report = _report(workdir)
   assert report['reward'] == 'chrf+ter' and not os.path.exists(os.path.join(workdir, 'rm'))

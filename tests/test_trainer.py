@@ -1,5 +1,7 @@
 """Trainer: sharded step equals the 1-device step, exact kill-and-resume, gradient accumulation."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +178,41 @@ def test_batcher_is_a_pure_function_of_step():
   assert data_lib.bucket_length(20, (8, 16)) == 20  # Longer than every bucket: not truncated.
   with pytest.raises(ValueError, match='cannot fill one batch'):
     data_lib.ArrayBatcher(arrays, 64)
+
+
+def test_nan_loss_stops_training_before_the_bad_state_is_saved(tmp_path, monkeypatch):
+  """A poisoned row (a NaN loss weight) first batched at step 5: `train` raises at the next
+  check (the save at step 6) naming step 5 and the last good checkpoint (step 4); no checkpoint of
+  step 5 or later exists, and the saved ones are finite."""
+  from rest_jax import input_pipeline, train as train_lib
+  arrays = make_arrays()
+  batcher = data_lib.ArrayBatcher(arrays, B, seed=0)  # `train`'s batcher (seed 0).
+  bad_row = int(batcher._epoch_plan(0)[4][0])         # In the batch of 0-based step 4 only.
+  arrays['decoder_loss_weights'][bad_row, 0] = np.nan
+  texts = [str(i) for i in range(len(arrays['encoder_input_tokens']))]
+  data = input_pipeline.TaskData(arrays, texts, texts, texts, 0)
+  monkeypatch.setattr(input_pipeline, 'cached_task_data', lambda *a, **k: data)
+  monkeypatch.setattr(input_pipeline, 'check_vocab_size', lambda *a: None)
+  monkeypatch.setattr(input_pipeline, 'detokenizer', lambda task: str)
+  monkeypatch.setattr(train_lib, '_metric_writer', lambda model_dir: None)
+  model_dir = str(tmp_path / 'run')
+  with pytest.raises(trainer_lib.NonFiniteLossError) as err:
+    train_lib.train(model_dir, model=make_model(), task='tiny', batch_size=B, inputs_length=LS,
+                    targets_length=LT, num_steps=8, eval_every_steps=1000,
+                    checkpoint_every_steps=2, train_data=data)
+  msg = str(err.value)
+  assert err.value.step == 5 and 'non-finite training loss nan at step 5;' in msg, msg
+  latest = os.path.join(model_dir, 'checkpoints', '4')
+  assert f'Last good checkpoint: latest {latest} (step 4)' in msg, msg
+  assert sorted(os.listdir(os.path.join(model_dir, 'checkpoints'))) == ['2', '4']
+  t = new_trainer(partitioning.create_mesh())
+  restored = trainer_lib.Checkpointer(model_dir).restore_latest(t.abstract_state(SHAPES))
+  assert int(restored.step) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+  # Non-finite params (e.g. a NaN learning rate) are caught before a save even with finite losses.
+  guard = trainer_lib.LossGuard('run')
+  guard.add(1, jnp.float32(0.5))
+  state = trainer_lib.TrainState(step=jnp.int32(1), params={'w': jnp.array([1.0, np.inf])},
+                                 opt_state=None)
+  with pytest.raises(FloatingPointError, match='non-finite parameters at step 1; .* none'):
+    guard.check(state)

@@ -348,6 +348,8 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
 
   Raises:
     ValueError: an unknown objective, or fewer sources than one batch.
+    trainer.NonFiniteLossError: a NaN / infinite loss (read every 10 steps) or non-finite final
+      params; nothing is returned, so nothing of it is saved.
   """
   mesh = mesh if mesh is not None else partitioning.create_mesh()
   bs = inference.global_batch(batch_size, mesh)
@@ -371,6 +373,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   bar = tqdm(total=num_steps, desc=desc, unit='step', dynamic_ncols=True, mininterval=2.0,
              disable=jax.process_index() != 0)
   m, step = {}, 0
+  guard = trainer_lib.LossGuard(desc)  # The reward model is saved once, after `fit`.
 
   def log(m):
     if writer:
@@ -386,12 +389,15 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     batch = {k: v[rows][..., :n] if v.ndim == 3 else v[rows] for k, v in arrays.items()}
     state, m = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
+    guard.add(step, m['loss'])
     if step % 10 == 0 or step == num_steps:
       m = jax.device_get(m)
+      guard.check()
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['pairwise_accuracy']:.3f}")
       log(m)
   bar.close()
+  guard.check(state)
   m = jax.device_get(m)
   if m and step % 10 and step != num_steps:  # Stopped by max_minutes between two logs.
     log(m)
