@@ -19,7 +19,6 @@ training, or a ReST loss (`rest_jax.losses`) for Improve. Nothing here imports T
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, Mapping
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from rest_jax import improve, input_pipeline, losses, partitioning, trainer as trainer_lib
+from rest_jax import fileio, improve, input_pipeline, losses, partitioning, trainer as trainer_lib
 from rest_jax.models import EncoderDecoderModel, Transformer, TransformerConfig, unbox
 
 V, LS, LT, B = 32, 16, 12, 8
@@ -72,7 +72,7 @@ def save_policy(path, seed, summary=None):
   ckpt.save_best(trainer_lib.TrainState(step=np.int32(0), params=params, opt_state=None),
                  {'imported': 1.0})
   if summary is not None:
-    trainer_lib.write_json(os.path.join(str(path), 'improve_summary.json'), summary)
+    fileio.write_json(os.path.join(str(path), 'improve_summary.json'), summary)
   return params
 
 
@@ -107,9 +107,8 @@ def run_improve(model_dir, init_dir, loss, monkeypatch, learning_rate=1e-2, **kw
 def final_state(model_dir, loss):
   """The whole Improve state of the last step, from `model_dir/checkpoints`."""
   with_prior = losses.needs_prior(loss)
-  t = trainer_lib.Trainer(improve._ImproveModel(MODEL, loss, with_prior),
-                          improve._optimizer(with_prior), partitioning.create_mesh(),
-                          loss_fn=losses.make_loss_fn(MODEL, loss))
+  t = trainer_lib.Trainer(improve.ImproveModel(MODEL, loss, with_prior),
+                          improve._optimizer(with_prior)[0], partitioning.create_mesh())
   state = trainer_lib.Checkpointer(str(model_dir)).restore_latest(t.abstract_state(SHAPES))
   return jax.device_get(state)
 
@@ -160,7 +159,7 @@ def test_oac_improve_trains_the_value_head(tmp_path, policies, monkeypatch):
 
 def test_prior_is_the_bc_policy_of_the_improve_chain(tmp_path):
   def step(name, init, prior=None):
-    trainer_lib.write_json(str(tmp_path / name / 'improve_summary.json'),
+    fileio.write_json(str(tmp_path / name / 'improve_summary.json'),
                            {'init_policy_dir': str(tmp_path / init), 'prior_policy_dir': prior})
   os.makedirs(tmp_path / 'bc')
   os.makedirs(tmp_path / 'other')
