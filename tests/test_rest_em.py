@@ -56,10 +56,11 @@ def test_rest_em_loop_end_to_end_and_resume(tmp_path, monkeypatch):
                                           it['test_pass1'])
   # E-step 1 sampled from the base model; every M-step started from the base model: its step-0
   # dev pass@1 is the base model's own.
-  with open(os.path.join(straight, 'estep_1', 'settings.json')) as f:
-    assert json.load(f)['settings']['policy_dir'] == os.path.join(straight, 'base')
-  with open(os.path.join(straight, 'estep_2', 'settings.json')) as f:
-    assert json.load(f)['settings']['policy_dir'] == os.path.join(straight, 'mstep_1')
+  # (Recorded relative to the work dir, `records.pin_settings`; resolved against it here.)
+  from rest_jax import records
+  policy = lambda d: records.read_settings(os.path.join(straight, d), ('policy_dir',))['policy_dir']
+  assert policy('estep_1') == os.path.join(straight, 'base')
+  assert policy('estep_2') == os.path.join(straight, 'mstep_1')
   for i in (1, 2):
     with open(os.path.join(straight, f'mstep_{i}', 'improve_summary.json')) as f:
       s = json.load(f)
