@@ -194,7 +194,7 @@ def test_nan_loss_stops_training_before_the_bad_state_is_saved(tmp_path, monkeyp
   monkeypatch.setattr(input_pipeline, 'cached_task_data', lambda *a, **k: data)
   monkeypatch.setattr(input_pipeline, 'check_vocab_size', lambda *a: None)
   monkeypatch.setattr(input_pipeline, 'detokenizer', lambda task: str)
-  monkeypatch.setattr(train_lib, '_metric_writer', lambda model_dir: None)
+  monkeypatch.setattr(train_lib.summaries, 'metric_writer', lambda logdir: None)
   model_dir = str(tmp_path / 'run')
   with pytest.raises(trainer_lib.NonFiniteLossError) as err:
     train_lib.train(model_dir, model=make_model(), task='tiny', batch_size=B, inputs_length=LS,
