@@ -44,10 +44,34 @@ def corpus_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict
 @functools.lru_cache(maxsize=8)
 def _jitted_predict(model, method: str, max_decode_len: int, num_decodes: int, beam_alpha: float):
   def predict(params, batch):
-    tokens, _ = model.predict_batch(params, batch, method=method, num_decodes=num_decodes,
-                                    max_decode_len=max_decode_len, beam_alpha=beam_alpha)
-    return tokens[:, 0]  # Greedy: the only decode; beam: the best beam.
+    tokens, aux = model.predict_batch(params, batch, method=method, num_decodes=num_decodes,
+                                      max_decode_len=max_decode_len, beam_alpha=beam_alpha)
+    return {'tokens': tokens, 'logprobs': aux['logprobs']}
   return jax.jit(predict)
+
+
+def decode_candidates(model, params, encoder_input_tokens: np.ndarray, *, method: str = 'greedy',
+                      num_decodes: int = 1, batch_size: int = 64, max_decode_len: int = 128,
+                      beam_alpha: float = 0.6, decode_length_ratio: float | None = 2.0,
+                      mesh=None) -> dict[str, np.ndarray]:
+  """Every decode of a deterministic method: 'tokens' [n, num_decodes, L] int32 (beams best
+  first; EOS kept, 0 after) and 'logprobs' [n, num_decodes] float32 (nats, untempered policy).
+
+  Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
+  zero-padded) trimmed to the length bucket of the batch's longest source
+  (`inference.run_batched`, grouping 'sorted'), so decoding compiles once per bucket. A batch
+  decodes at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
+  mesh: shard the batches over it (None: unsharded, on the default device).
+  """
+  def step(buckets, batch):
+    predict = _jitted_predict(
+        model, method, data_lib.decode_length(buckets[0], max_decode_len, decode_length_ratio),
+        num_decodes, beam_alpha)
+    return predict(params, batch)
+  return inference.run_batched(
+      step, {'encoder_input_tokens': np.asarray(encoder_input_tokens)},
+      trim=('encoder_input_tokens',), buckets=LENGTH_BUCKETS, batch_size=batch_size, mesh=mesh,
+      grouping='sorted')
 
 
 def predict_ids(model, params, encoder_input_tokens: np.ndarray, batch_size: int = 64,
@@ -56,26 +80,17 @@ def predict_ids(model, params, encoder_input_tokens: np.ndarray, batch_size: int
                 mesh=None) -> list[list[int]]:
   """Decodes `[n, src_len]` int32 sources; returns n token-id lists (through EOS, no padding).
 
-  Sources are sorted by length and decoded in batches of `batch_size` rows (the last one
-  zero-padded) trimmed to the length bucket of the batch's longest source
-  (`inference.run_batched`, grouping 'sorted'), so decoding compiles once per bucket. A batch
-  decodes at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
-  method: 'greedy' or 'beam' (`beam_size` beams, length penalty `beam_alpha`; the best beam).
-  mesh: shard the batches over it (None: unsharded, on the default device).
+  `decode_candidates` (batching, buckets, decode lengths), keeping the only decode of 'greedy'
+  or the best of `beam_size` beams (length penalty `beam_alpha`) of 'beam'.
   """
   if not len(encoder_input_tokens):
     return []
-
-  def step(buckets, batch):
-    predict = _jitted_predict(
-        model, method, data_lib.decode_length(buckets[0], max_decode_len, decode_length_ratio),
-        1 if method == 'greedy' else beam_size, beam_alpha)
-    return predict(params, batch)
-  tokens = inference.run_batched(
-      step, {'encoder_input_tokens': np.asarray(encoder_input_tokens)},
-      trim=('encoder_input_tokens',), buckets=LENGTH_BUCKETS, batch_size=batch_size, mesh=mesh,
-      grouping='sorted')
-  return [data_lib.trim(t) for t in tokens]
+  out = decode_candidates(model, params, encoder_input_tokens, method=method,
+                          num_decodes=1 if method == 'greedy' else beam_size,
+                          batch_size=batch_size, max_decode_len=max_decode_len,
+                          beam_alpha=beam_alpha, decode_length_ratio=decode_length_ratio,
+                          mesh=mesh)
+  return [data_lib.trim(t) for t in out['tokens'][:, 0]]
 
 
 def translate(model, params, encoder_input_tokens: np.ndarray, detokenize: Callable,

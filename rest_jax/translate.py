@@ -24,7 +24,6 @@ policy log-prob in nats). An empty source line gives an empty translation; a sou
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -74,26 +73,12 @@ def _candidates(model, params, enc: np.ndarray, *, method: str, num_decodes: int
            for b in range(len(enc))]
     return ids, s['logprob_policy']
   # Beam: all N beams (best first) of one search per source.
-  from rest_jax import inference
-
-  def step(buckets, batch):
-    steps = data_lib.decode_length(buckets[0], max_decode_len, decode_length_ratio)
-    fn = _beam_fn(model, num_decodes, beam_alpha, steps)
-    return fn(params, batch)
-  out = inference.run_batched(step, {'encoder_input_tokens': enc},
-                              trim=('encoder_input_tokens',), batch_size=batch_size, mesh=mesh,
-                              grouping='sorted')
+  out = evaluation.decode_candidates(model, params, enc, method='beam', num_decodes=num_decodes,
+                                     batch_size=batch_size, max_decode_len=max_decode_len,
+                                     beam_alpha=beam_alpha,
+                                     decode_length_ratio=decode_length_ratio, mesh=mesh)
   ids = [[data_lib.trim(row) for row in beams] for beams in out['tokens']]
   return ids, out['logprobs']
-
-
-@functools.lru_cache(maxsize=8)
-def _beam_fn(model, num_decodes: int, beam_alpha: float, steps: int):
-  def fn(params, batch):
-    tokens, aux = model.predict_batch(params, batch, method='beam', num_decodes=num_decodes,
-                                      max_decode_len=steps, beam_alpha=beam_alpha)
-    return {'tokens': tokens, 'logprobs': aux['logprobs']}
-  return jax.jit(fn)
 
 
 @gin.configurable(denylist=['lines', 'mesh', 'params'])
