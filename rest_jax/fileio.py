@@ -7,6 +7,15 @@ are atomic: the content goes to `<path>.tmp` first and is then renamed over `pat
 never a partial one), so a killed run leaves either the old file or the new one, never half a
 file. TensorFlow is not imported here (the TFRecord files are `rest_jax.records`'s).
 
+A write that fails part-way (a full disk: `OSError` ENOSPC from the writer) removes its temporary
+file and re-raises, so nothing partial is left behind and a rerun writes the file afresh.
+
+Fault injection (tests and `scripts/fault_soak.py`): every completed write (`atomic_replace`, and
+`note_write` for files written by libraries, e.g. orbax checkpoints) is counted. With the
+environment variable `REST_JAX_KILL_AT_WRITE='REGEX#N'` the process SIGKILLs itself at the N-th
+write whose path matches REGEX, just before that write's rename (the temporary file is complete,
+the file itself not yet there); `REST_JAX_WRITE_LOG=FILE` appends every write's path to FILE.
+
 Also: `repo_path` (shipped files such as `checkpoints/...` resolved against the repository) and
 `portable_path` (how settings record a path: relative to the work directory when inside it).
 """
@@ -15,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 from typing import Any, IO
 
 import flax.traverse_util
@@ -67,8 +78,34 @@ def open_file(path: str, mode: str = 'r') -> IO:
   return as_path(path).open(mode)
 
 
+_writes: dict[str, int] = {}  # Fault injection: writes matching the kill pattern so far.
+
+
+def note_write(path: str) -> None:
+  """Counts one write of `path` for fault injection (see the module docstring); may SIGKILL."""
+  log = os.environ.get('REST_JAX_WRITE_LOG')
+  if log:
+    with open(log, 'a') as f:
+      f.write(f'{path}\n')
+  spec = os.environ.get('REST_JAX_KILL_AT_WRITE')
+  if spec:
+    pattern, _, n = spec.rpartition('#')
+    if re.search(pattern, str(path)):
+      _writes[spec] = _writes.get(spec, 0) + 1
+      if _writes[spec] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _discard(tmp: str) -> None:
+  try:
+    remove(tmp)
+  except OSError:
+    pass
+
+
 def atomic_replace(tmp: str, path: str) -> None:
   """Renames the finished `tmp` over `path` (the last step of every atomic write)."""
+  note_write(path)
   if is_url(path):
     as_path(tmp).replace(as_path(path))
   else:
@@ -79,8 +116,12 @@ def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically (parent dirs created)."""
   makedirs(os.path.dirname(path) or '.')
   tmp = f'{path}.tmp'
-  with open_file(tmp, 'wb') as f:
-    f.write(text.encode('utf-8'))
+  try:
+    with open_file(tmp, 'wb') as f:
+      f.write(text.encode('utf-8'))
+  except BaseException:
+    _discard(tmp)  # A full disk, a failed upload: no partial file is left.
+    raise
   atomic_replace(tmp, path)
 
 
@@ -141,6 +182,30 @@ def resolve_path(path: str | None, workdir: str) -> str | None:
   return os.path.join(workdir, path)
 
 
+def relocate(recorded: str | None, old_dir: str | None, new_dir: str) -> str | None:
+  """A path that a run recorded (absolute) as seen from where that run's folder is now.
+
+  `old_dir` is where the recording folder was (recorded with it; None for files written before
+  this was recorded), `new_dir` where it is now: after a work directory was moved or copied,
+  `recorded` = `<old parent>/x` becomes `<new parent>/x`. A recorded path that still exists, or
+  one outside the old parent's tree, is returned as is. Without `old_dir` a missing path is
+  looked up as a sibling of `new_dir` (the loop's stages are siblings): our heuristic.
+  """
+  if recorded is None or is_url(recorded) or os.path.exists(recorded):
+    return recorded
+  if not os.path.isabs(recorded):
+    return os.path.join(os.path.dirname(os.path.abspath(new_dir)), recorded)
+  if old_dir:
+    old_parent = os.path.dirname(os.path.abspath(old_dir))
+    if recorded.startswith(old_parent + os.sep):
+      return os.path.join(os.path.dirname(os.path.abspath(new_dir)),
+                          os.path.relpath(recorded, old_parent))
+    return recorded
+  sibling = os.path.join(os.path.dirname(os.path.abspath(new_dir)),
+                         os.path.basename(recorded.rstrip(os.sep)))
+  return sibling if os.path.exists(sibling) else recorded
+
+
 # -- params as .npz (shipped policies and reward models) ------------------------------------------
 
 def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
@@ -152,8 +217,12 @@ def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
   makedirs(os.path.dirname(path) or '.')
   tmp = path + '.tmp.npz'
-  with open_file(tmp, 'wb') as f:
-    np.savez_compressed(f, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})
+  try:
+    with open_file(tmp, 'wb') as f:
+      np.savez_compressed(f, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})
+  except BaseException:
+    _discard(tmp)
+    raise
   atomic_replace(tmp, path)
 
 

@@ -324,7 +324,7 @@ def grow(output_dir: str,
     settings['sample_seed'] = this_seed
   pinned = records.pin_settings(output_dir, settings, what='a Grow', path_keys=('policy_dir',),
                                 process_count=P, write=p == 0)
-  finished = records.finished_manifest(output_dir)
+  finished = records.finished_manifest(output_dir, records.GROW)
   if finished is not None:
     logging.info('grow: %s is complete', output_dir)
     return finished
@@ -333,7 +333,7 @@ def grow(output_dir: str,
   # k % P == p, so the files do not depend on the host count (which is outside the settings hash).
   K = -(-num_sources // chunk_size)
   mine = [k for k in range(K) if k % P == p]
-  todo = [k for k in mine if not records.is_done(output_dir, records.GROW, k)]
+  todo = [k for k in mine if not records.is_done(output_dir, records.GROW, k, K)]
   chunk_rows = lambda k: np.arange(k * chunk_size, min((k + 1) * chunk_size, num_sources))
   logging.info('grow: %d sources, %d chunks (%d on this host to do) -> %s', num_sources, K,
                len(todo), output_dir)

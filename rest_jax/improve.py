@@ -217,8 +217,8 @@ def resolve_prior_policy_dir(init_policy_dir: str, prior_policy_dir: str | None 
     seen.add(d)
     with open(os.path.join(d, 'improve_summary.json')) as f:
       s = json.load(f)
-    recorded = s.get('prior_policy_dir')
-    nxt = recorded or s.get('init_policy_dir')
+    recorded = fileio.relocate(s.get('prior_policy_dir'), s.get('model_dir'), d)
+    nxt = recorded or fileio.relocate(s.get('init_policy_dir'), s.get('model_dir'), d)
     if not nxt or not os.path.isdir(nxt) or os.path.abspath(nxt) in seen:
       raise ValueError(f'cannot derive the BC prior from the Improve step {d}: its start policy '
                        f'{nxt!r} is missing; set improve.prior_policy_dir')
@@ -329,8 +329,7 @@ def improve(model_dir: str,
     if summary.get('complete'):
       logging.info('improve: %s is complete', model_dir)
       return summary
-  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-    f.write(gin.config_str())
+  fileio.write_text(os.path.join(model_dir, 'config.gin'), gin.config_str())
   if records is None:
     from rest_jax.rewards import scoring
     records = scoring.read_scored_records(scored_dir)
@@ -458,7 +457,7 @@ def improve(model_dir: str,
                  threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
                  best_dev_reward=best['reward'], best_step=best['step'],
                  stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),
-                 prior_policy_dir=prior_dir,
+                 prior_policy_dir=prior_dir, model_dir=os.path.abspath(model_dir),
                  wall_seconds=time.perf_counter() - start, complete=True,
                  final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
   fileio.write_json(summary_path, summary)

@@ -241,8 +241,12 @@ def cached_task_data(task_name: str, split: str, inputs_length: int, targets_len
   data = load_task_data(task_name, split, inputs_length, targets_length, max_examples)
   os.makedirs(cache_dir, exist_ok=True)
   tmp = path + '.tmp.npz'
-  np.savez_compressed(tmp, inputs=np.array(data.inputs), targets=np.array(data.targets),
-                      keys=np.array(data.keys), num_truncated=data.num_truncated,
-                      **{'a_' + k: v for k, v in data.arrays.items()})
-  os.replace(tmp, path)
+  try:
+    np.savez_compressed(tmp, inputs=np.array(data.inputs), targets=np.array(data.targets),
+                        keys=np.array(data.keys), num_truncated=data.num_truncated,
+                        **{'a_' + k: v for k, v in data.arrays.items()})
+  except BaseException:
+    fileio.remove(tmp)
+    raise
+  fileio.atomic_replace(tmp, path)
   return data

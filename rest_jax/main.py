@@ -14,7 +14,10 @@
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
 `--workdir` (default ./workdir) holds every stage of a run; `--model_dir` defaults to
-`<workdir>/bc` (`<workdir>/grow_<grow_step>` for grow).
+`<workdir>/bc` (`<workdir>/grow_<grow_step>` for grow). Commands that write it (all but eval,
+rm-check and translate) hold its job lock (`rest_jax.joblock`): a second job on the same work
+directory is refused, naming the first. `--repair` regenerates chunks that fail their markers'
+check (`rest_jax.records`) instead of stopping with an error.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ def _persistent_jit_cache(path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
+  command_line = ' '.join(['rest-jax'] + argv)
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
   parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'rest-em',
@@ -119,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--workdir', default='workdir')
   parser.add_argument('--model_dir', default=None)
   parser.add_argument('--log_level', default='INFO')
+  parser.add_argument('--repair', action='store_true',
+                      help='regenerate corrupt or missing record chunks instead of stopping')
   # translate (each also a gin parameter of `translate_lines` when not given here):
   parser.add_argument('--policy', default=None, help='run dir or .npz (translate)')
   parser.add_argument('--input', default=None, help='source lines (translate; default stdin)')
@@ -137,6 +143,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     bindings.insert(0, 'translate_lines.model = %MODEL')  # The model gin file's MODEL.
   parse_gin(args.gin_file, bindings, args.gin_search_path)
   _persistent_jit_cache(os.path.join(args.workdir, 'cache', 'jit'))
+  from rest_jax import joblock, records
+  records.set_repair(args.repair)
+  try:
+    if args.command in ('eval', 'rm-check', 'translate'):  # Readers: no lock.
+      _run(args)
+    else:
+      with joblock.hold(args.workdir, command=command_line):
+        _run(args)
+  finally:
+    records.set_repair(False)
+
+
+def _run(args: argparse.Namespace) -> None:
+  """Runs `args.command` (gin parsed)."""
   model_dir = args.model_dir or os.path.join(args.workdir, 'bc')
   from rest_jax import train as train_lib
   if args.command == 'train':

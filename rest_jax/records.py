@@ -8,9 +8,18 @@ holds
     where and how they were written (see "Settings schema" below);
   * chunks `<prefix>-KKKKK-of-NNNNN.tfrecord` (one `tf.train.Example` per record, serialised
     deterministically; written to `<name>.tmp`, then renamed), each followed by its completion
-    marker `<prefix>-KKKKK.done` (JSON counts). A chunk without its marker is redone from scratch,
+    marker `<prefix>-KKKKK.done` (JSON: the chunk's counts, and under `MARKER_FILE_KEY` the chunk
+    file's name, size in bytes and sha256). A chunk without its marker is redone from scratch,
     so a killed run resumes to files byte-identical to an uninterrupted run's;
-  * `manifest.json`, written last: the output is complete.
+  * `manifest.json`, written last: a summary of the markers.
+
+Markers, not the manifest, decide what is done: an output is finished when every chunk's marker
+is there and its chunk verifies (`verify_chunk`: the file exists with the size and sha256 its
+marker records; markers written before this check existed record no digest and are trusted by
+existence). A chunk whose marker is missing is simply redone (and the manifest rewritten); a
+marker whose chunk is missing, cut short or altered raises `CorruptChunkError`, naming the file
+and the command that regenerates that chunk only (the same command with `--repair`, which sets
+`set_repair(True)`: the bad chunk and its marker are deleted and redone).
 
 Paths may be local or URLs (`rest_jax.fileio`); TensorFlow is imported lazily, in the functions
 that write or read TFRecords.
@@ -57,6 +66,7 @@ RECORD_FORMAT = 2
 WRITABLE_RECORD_FORMATS = (1, 2)  # A resumed directory keeps the format it was started with.
 SETTINGS_FILE = 'settings.json'
 MANIFEST_FILE = 'manifest.json'
+MARKER_FILE_KEY = '_file'  # In a marker: {'name', 'bytes', 'sha256'} of its chunk file.
 LOCATION_KEYS = ('process_count',)  # Schema 1 hashed these; schema 2 keeps them in 'location'.
 
 INT_FIELDS = ('source_index', 'source_ids', 'candidate_ids', 'length', 'grow_step',
@@ -121,13 +131,20 @@ def parse(raw: bytes) -> dict[str, Any]:
 
 def write_records(path: str, records: Sequence[Mapping[str, Any]],
                   extra_float_fields: Sequence[str] = ()) -> None:
-  """Writes `records` (deterministic serialisation) to the TFRecord file `path` atomically."""
+  """Writes `records` (deterministic serialisation) to the TFRecord file `path` atomically.
+
+  A write that fails part-way (e.g. `OSError` ENOSPC) removes the temporary file and re-raises.
+  """
   import tensorflow as tf
   tmp = path + '.tmp'
   fileio.remove(tmp)  # A partial file of a killed run.
-  with tf.io.TFRecordWriter(tmp) as w:
-    for r in records:
-      w.write(to_example(r, extra_float_fields).SerializeToString(deterministic=True))
+  try:
+    with tf.io.TFRecordWriter(tmp) as w:
+      for r in records:
+        w.write(to_example(r, extra_float_fields).SerializeToString(deterministic=True))
+  except BaseException:
+    fileio.remove(tmp)
+    raise
   fileio.atomic_replace(tmp, path)
 
 
@@ -135,17 +152,45 @@ def read_records(path: str) -> list[dict[str, Any]]:
   """All records of one TFRecord file, in file order (`parse`).
 
   Raises:
-    ValueError: the file is corrupt or cut short (names it).
+    CorruptChunkError: the file is corrupt or cut short (names it and the index of the first
+      record that cannot be read).
   """
   import tensorflow as tf
+  out = []
   try:
-    return [parse(raw) for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      out.append(parse(raw))
   except tf.errors.DataLossError as e:
-    raise ValueError(f'{path} is corrupt or truncated ({e.message.splitlines()[0]}); delete it '
-                     'and its .done marker and rerun the command that wrote it') from e
+    raise CorruptChunkError(f'{path} is corrupt or truncated at record {len(out)} '
+                            f'({e.message.splitlines()[0]})', path=path) from e
+  return out
 
 
 # -- chunked outputs -------------------------------------------------------------------------------
+
+class CorruptChunkError(ValueError):
+  """A chunk file that is missing behind its marker, cut short or altered.
+
+  Attributes: `path` (the chunk file), `chunk` (its index, or None).
+  """
+
+  def __init__(self, message: str, path: str, chunk: int | None = None):
+    super().__init__(message)
+    self.path, self.chunk = path, chunk
+
+
+_REPAIR = False
+
+
+def set_repair(on: bool) -> None:
+  """`--repair`: delete and redo a corrupt chunk (and its marker) instead of raising."""
+  global _REPAIR
+  _REPAIR = bool(on)
+
+
+def repair_enabled() -> bool:
+  return _REPAIR
+
 
 def chunk_path(out_dir: str, kind: ChunkKind, k: int, num_chunks: int) -> str:
   return os.path.join(out_dir, f'{kind.prefix}-{k:05d}-of-{num_chunks:05d}.tfrecord')
@@ -155,20 +200,87 @@ def marker_path(out_dir: str, kind: ChunkKind, k: int) -> str:
   return os.path.join(out_dir, f'{kind.prefix}-{k:05d}.done')
 
 
-def is_done(out_dir: str, kind: ChunkKind, k: int) -> bool:
-  return fileio.exists(marker_path(out_dir, kind, k))
+def file_digest(path: str) -> dict[str, Any]:
+  """{'name': basename, 'bytes': size, 'sha256': hex digest} of the file `path`."""
+  h, n = hashlib.sha256(), 0
+  with fileio.open_file(path, 'rb') as f:
+    while block := f.read(1 << 22):
+      h.update(block)
+      n += len(block)
+  return {'name': os.path.basename(path), 'bytes': n, 'sha256': h.hexdigest()}
+
+
+def _repair_hint(kind: ChunkKind, k: int) -> str:
+  return (f'rerun the same command (`{kind.command}`, or the loop that ran it) with --repair '
+          f'to regenerate chunk {k} only')
+
+
+def verify_chunk(out_dir: str, kind: ChunkKind, k: int, num_chunks: int,
+                 repair: bool | None = None) -> bool:
+  """Whether chunk k is done: its marker exists and its file matches the marker.
+
+  Returns False when there is no marker (the chunk is to do). With `repair` (None: as
+  `set_repair`) a chunk that fails the check is deleted with its marker (and the manifest) and
+  False is returned.
+
+  Raises:
+    CorruptChunkError: a marker whose chunk file is missing, or has another size or sha256 than
+      the marker records (names the file, what differs and the repair command).
+  """
+  marker = marker_path(out_dir, kind, k)
+  if not fileio.exists(marker):
+    return False
+  path = chunk_path(out_dir, kind, k, num_chunks)
+  try:
+    expected = fileio.read_json(marker).get(MARKER_FILE_KEY)
+    problem = None
+  except ValueError as e:  # A marker cut short (not written atomically by older code).
+    expected, problem = None, str(e)
+  if problem is None:
+    if not fileio.exists(path):
+      problem = f'{path} is missing behind its completion marker {marker}'
+    elif expected is not None:
+      got = file_digest(path)
+      if got['bytes'] != expected['bytes']:
+        problem = (f'{path} has {got["bytes"]} bytes, its marker records {expected["bytes"]} '
+                   '(cut short or overwritten)')
+      elif got['sha256'] != expected['sha256']:
+        problem = f'{path} differs from its marker (sha256 {got["sha256"][:12]}..., recorded '\
+                  f'{expected["sha256"][:12]}...: altered on disk)'
+  if problem is None:
+    return True
+  if _REPAIR if repair is None else repair:
+    import logging
+    logging.warning('repair: %s; deleting chunk %d and its marker to redo it', problem, k)
+    for p in (path, marker, os.path.join(out_dir, MANIFEST_FILE)):
+      fileio.remove(p)
+    return False
+  raise CorruptChunkError(f'{problem}; {_repair_hint(kind, k)}', path=path, chunk=k)
+
+
+def is_done(out_dir: str, kind: ChunkKind, k: int, num_chunks: int | None = None) -> bool:
+  """Whether chunk k has its marker (and, given `num_chunks`, verifies: `verify_chunk`)."""
+  if num_chunks is None:
+    return fileio.exists(marker_path(out_dir, kind, k))
+  return verify_chunk(out_dir, kind, k, num_chunks)
 
 
 def write_chunk(out_dir: str, kind: ChunkKind, k: int, num_chunks: int,
                 records: Sequence[Mapping[str, Any]], counts: Mapping[str, Any],
                 extra_float_fields: Sequence[str] = ()) -> None:
-  """Chunk k's records, then its completion marker holding `counts` (both atomic)."""
-  write_records(chunk_path(out_dir, kind, k, num_chunks), records, extra_float_fields)
-  fileio.write_json(marker_path(out_dir, kind, k), counts)
+  """Chunk k's records, then its completion marker: `counts` and the file's size and sha256
+  (both written atomically)."""
+  path = chunk_path(out_dir, kind, k, num_chunks)
+  write_records(path, records, extra_float_fields)
+  fileio.write_json(marker_path(out_dir, kind, k),
+                    dict(counts, **{MARKER_FILE_KEY: file_digest(path)}))
 
 
 def read_marker(out_dir: str, kind: ChunkKind, k: int) -> dict[str, Any]:
-  return fileio.read_json(marker_path(out_dir, kind, k))
+  """Chunk k's counts (its marker without the file digest)."""
+  marker = fileio.read_json(marker_path(out_dir, kind, k))
+  marker.pop(MARKER_FILE_KEY, None)
+  return marker
 
 
 def read_manifest(out_dir: str, kind: ChunkKind) -> dict[str, Any]:
@@ -184,10 +296,43 @@ def read_manifest(out_dir: str, kind: ChunkKind) -> dict[str, Any]:
   return fileio.read_json(path)
 
 
-def finished_manifest(out_dir: str) -> dict[str, Any] | None:
-  """The manifest if `out_dir` is complete, else None."""
+def finished_manifest(out_dir: str, kind: ChunkKind | None = None) -> dict[str, Any] | None:
+  """The manifest if `out_dir` is complete, else None.
+
+  Given `kind`, complete means every chunk the manifest counts verifies (`verify_chunk`; the
+  markers decide): a manifest whose chunks lost a marker is stale and None is returned, so the
+  caller redoes those chunks and writes the manifest again.
+
+  Raises:
+    CorruptChunkError: as `verify_chunk` (a marker whose chunk is missing or altered).
+  """
   path = os.path.join(out_dir, MANIFEST_FILE)
-  return fileio.read_json(path) if fileio.exists(path) else None
+  if not fileio.exists(path):
+    return None
+  manifest = fileio.read_json(path)
+  if kind is not None:
+    K = manifest['counts']['chunks']
+    if not all([verify_chunk(out_dir, kind, k, K) for k in range(K)]):
+      return None
+  return manifest
+
+
+def verify_output(out_dir: str, kind: ChunkKind, repair: bool | None = False) -> None:
+  """Checks a finished chunked output (every chunk against its marker; `repair` as
+  `verify_chunk`, default off: a reader does not delete what another stage wrote).
+
+  Raises:
+    FileNotFoundError: no manifest, or a chunk without its marker (the output is incomplete:
+      rerun the command that wrote it to redo that chunk).
+    CorruptChunkError: as `verify_chunk`.
+  """
+  manifest = read_manifest(out_dir, kind)
+  K = manifest['counts']['chunks']
+  for k in range(K):
+    if not verify_chunk(out_dir, kind, k, K, repair=repair):
+      raise FileNotFoundError(f'chunk {chunk_path(out_dir, kind, k, K)} has no completion '
+                              f'marker {marker_path(out_dir, kind, k)}: it may be partial or '
+                              f'missing; rerun `{kind.command}` (or the loop) to redo it')
 
 
 def write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -201,25 +346,23 @@ def chunk_files(out_dir: str, kind: ChunkKind) -> list[str]:
 
 
 def read_chunked(out_dir: str, kind: ChunkKind) -> list[dict[str, Any]]:
-  """All records of a finished chunked output, by chunk file name, then in file order.
+  """All records of a finished chunked output, by chunk index, then in file order.
 
   Raises:
-    FileNotFoundError: no `manifest.json` (unfinished), a chunk file without its completion
-      marker, or another number of chunk files than the manifest counts.
-    ValueError: a corrupt chunk file (`read_records`).
+    FileNotFoundError: no `manifest.json` (unfinished) or a chunk without its marker.
+    CorruptChunkError: a chunk missing behind its marker, or altered or cut short (names the
+      file, the record index where reading failed, and the repair command).
   """
   manifest = read_manifest(out_dir, kind)
-  files = chunk_files(out_dir, kind)
-  for p in files:
-    k = int(kind.chunk_re.search(os.path.basename(p)).group(1))
-    if not is_done(out_dir, kind, k):
-      raise FileNotFoundError(f'chunk {p} has no completion marker '
-                              f'{marker_path(out_dir, kind, k)}: it may be partial; rerun '
-                              f'`{kind.command}` to redo it')
-  if len(files) != manifest['counts']['chunks']:
-    raise FileNotFoundError(f'{out_dir}: {len(files)} chunk files, manifest says '
-                            f"{manifest['counts']['chunks']}")
-  return [r for p in files for r in read_records(p)]
+  verify_output(out_dir, kind)
+  K = manifest['counts']['chunks']
+  out = []
+  for k in range(K):
+    try:
+      out += read_records(chunk_path(out_dir, kind, k, K))
+    except CorruptChunkError as e:
+      raise CorruptChunkError(f'{e}; {_repair_hint(kind, k)}', path=e.path, chunk=k) from e
+  return out
 
 
 def sum_counts(out_dir: str, kind: ChunkKind, num_chunks: int) -> dict[str, Any]:

@@ -265,9 +265,17 @@ def _save(fig, out_dir, name):
   legends outside the axes included), and closes it."""
   path = os.path.join(out_dir, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches='tight', pad_inches=0.1)
-  import matplotlib.pyplot as plt
-  plt.close(fig)
+  tmp = path + '.tmp.png'
+  try:
+    with fileio.open_file(tmp, 'wb') as f:
+      fig.savefig(f, format='png', dpi=100, bbox_inches='tight', pad_inches=0.1)
+  except BaseException:
+    fileio.remove(tmp)
+    raise
+  finally:
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+  fileio.atomic_replace(tmp, path)
   return path
 
 
@@ -279,8 +287,7 @@ def write_report(workdir: str, report: dict) -> None:
                   for g in report['grows']}
   report['plots'] = [os.path.relpath(p, workdir) for p in plots(workdir, report, grow_rewards)]
   fileio.write_json(os.path.join(workdir, 'report.json'), report)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(markdown(report))
+  fileio.write_text(os.path.join(workdir, 'report.md'), markdown(report))
   print(markdown(report))
 
 
@@ -415,6 +422,5 @@ def write_rest_em_report(workdir: str, report: dict) -> None:
   report['plots'] = [os.path.relpath(p, workdir) for p in rest_em_plots(workdir, report)]
   fileio.write_json(os.path.join(workdir, 'report.json'), report)
   text = rest_em_markdown(report)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(text)
+  fileio.write_text(os.path.join(workdir, 'report.md'), text)
   print(text)

@@ -42,26 +42,72 @@ from rest_jax.rewards import metrics as metrics_lib
 STAGE_FILE = 'stage.json'
 
 
-def _stage_done(stage_dir: str) -> dict | None:
-  path = os.path.join(stage_dir, STAGE_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+def stage_output_problem(stage_dir: str) -> str | None:
+  """What is wrong with a finished stage's outputs, or None if they verify.
+
+  Checked: chunked records (every chunk against its marker: `records.verify_output`) and
+  training runs (a `best/` or `checkpoints/` step to restore). Evaluation files are not checked
+  (a stage that only evaluates keeps its figures in `stage.json` itself).
+  """
+  kinds = [k for k in (records_lib.GROW, records_lib.SCORED)
+           if fileio.glob(stage_dir, f'{k.prefix}-*.done') or
+           fileio.glob(stage_dir, f'{k.prefix}-*.tfrecord')]
+  if fileio.exists(os.path.join(stage_dir, records_lib.MANIFEST_FILE)) and not kinds:
+    return f'{stage_dir} has a manifest but no chunk files or markers'
+  for kind in kinds:
+    try:
+      records_lib.verify_output(stage_dir, kind)
+    except (FileNotFoundError, ValueError) as e:
+      return str(e)
+  for sub in ('best', 'checkpoints'):
+    d = os.path.join(stage_dir, sub)
+    if os.path.isdir(d):
+      if not any(n.isdigit() for n in os.listdir(d)):
+        return f'{d} holds no checkpoint'
+      break
   return None
+
+
+def _stage_done(stage_dir: str) -> dict | None:
+  """The stage's `stage.json`, if it is there and the stage's outputs verify; else None.
+
+  Raises:
+    ValueError: `stage.json` is there but the outputs do not verify (names the problem and the
+      way back: `--repair`, which reruns the stage; Grow and scoring then redo only the bad
+      chunks).
+  """
+  path = os.path.join(stage_dir, STAGE_FILE)
+  if not os.path.exists(path):
+    return None
+  problem = stage_output_problem(stage_dir)
+  if problem is None:
+    return fileio.read_json(path)
+  if records_lib.repair_enabled():
+    logging.warning('repair: stage %s is marked done but %s; rerunning it', stage_dir, problem)
+    fileio.remove(path)
+    return None
+  raise ValueError(f'stage {stage_dir} is marked done but its outputs do not verify: {problem} '
+                   '(rerun with --repair to redo what is missing)')
 
 
 def _mark_done(stage_dir: str, result: dict) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
-  with open(os.path.join(stage_dir, 'config.gin'), 'w') as f:
-    f.write(gin.config_str())
+  fileio.write_text(os.path.join(stage_dir, 'config.gin'), gin.config_str())
   fileio.write_json(os.path.join(stage_dir, STAGE_FILE), result)
   return result
 
 
-def _run_stage(stage_dir: str, fn, *args, **kwargs) -> dict:
-  """Runs `fn` unless `stage_dir` is marked done; records its wall time in minutes."""
+def _run_stage(stage_dir: str, fn, *args, recheck: bool = False, **kwargs) -> dict:
+  """Runs `fn` unless `stage_dir` is marked done; records its wall time in minutes.
+
+  recheck: for stages that pin their settings (Grow, scoring, reward-model training), call `fn`
+    even when the stage is done: it returns at once for the same settings and raises ValueError
+    listing the differences for a work directory made by another configuration.
+  """
   done = _stage_done(stage_dir)
   if done is not None:
+    if recheck:
+      fn(*args, **kwargs)
     logging.info('rest: %s already done (%.1f min)', stage_dir, done.get('minutes', 0.0))
     return done
   start = time.perf_counter()
@@ -340,7 +386,7 @@ def rest(workdir: str,
   for g in range(1, num_grow_steps + 1):
     grow_dir = os.path.join(workdir, f'grow_{g}')
     gr = _run_stage(grow_dir, lambda: {'manifest': grow_lib.grow(
-        grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)})
+        grow_dir, model=model, policy_dir=policy_dir, task=task, grow_step=g)}, recheck=True)
     if metric_scorer is not None:
       rm_dir, scorer = None, metric_scorer
     elif given_rm_dir and g == 1:
@@ -348,13 +394,13 @@ def rest(workdir: str,
     elif g == 1 or retrain_rm:
       rm_dir = os.path.join(workdir, 'rm' if g == 1 else f'rm_{g}')
       _run_stage(rm_dir, lambda: {'summary': train_rm.train_reward_model(
-          rm_dir, grow_dir=grow_dir, task=task)})
+          rm_dir, grow_dir=grow_dir, task=task)}, recheck=True)
       scorer = rm_model.load_reward_model(rm_dir)
     if g == 1:
       evaluate_stage(stages[0])
     scored_dir = os.path.join(workdir, f'scored_{g}')
     sc = _run_stage(scored_dir, lambda: {'manifest': scoring.score(
-        scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task, reward=reward)})
+        scored_dir, grow_dir=grow_dir, rm_dir=rm_dir, task=task, reward=reward)}, recheck=True)
     grows.append(dict(grow=g, dir=grow_dir, scored_dir=scored_dir, policy_dir=policy_dir,
                       rm_dir=rm_dir, grow_minutes=gr['minutes'], score_minutes=sc['minutes'],
                       counts=gr['manifest']['counts']))
@@ -369,6 +415,12 @@ def rest(workdir: str,
           prior_policy_dir=bc_dir, task=task, tau=taus[i], threshold_mode=mode,
           dev_examples=dev_examples, records=records, scorer=scorer, initial_dev=prev_dev)})
       s = imp['summary']
+      diff = [f'{k} {s.get(k)!r} -> {v!r}' for k, v in
+              (('loss', loss_name), ('tau', taus[i]), ('threshold_mode', mode))
+              if s.get(k) != v]
+      if diff:
+        raise ValueError(f'{step_dir} holds an Improve step made by another configuration '
+                         f'({"; ".join(diff)}); use another --workdir')
       st = dict(name=f'G{g}I{i}', dir=step_dir, grow=g, improve=i, tau=taus[i], loss=s['loss'],
                 num_train_records=s['filter']['kept_records'],
                 train_references=s['filter'].get('kept_references'),
@@ -408,8 +460,9 @@ def _same_improve(loop_dir: str, loss: str, tau: float, mode: str, init_policy_d
   if done is None:
     return False
   s = done['summary']
+  recorded = fileio.relocate(s.get('init_policy_dir'), s.get('model_dir'), loop_dir)
   return (s.get('loss') == loss and s.get('tau') == tau and s.get('threshold_mode') == mode and
-          os.path.abspath(s.get('init_policy_dir', '')) == os.path.abspath(init_policy_dir))
+          recorded is not None and os.path.abspath(recorded) == os.path.abspath(init_policy_dir))
 
 
 @gin.configurable(denylist=['workdir'])
@@ -522,7 +575,6 @@ def compare_losses(workdir: str,
   lines += [f"| {r['loss']} | {', '.join(map(str, r['train_records']))} "
             f"| {f2(r['dev_reward'])} | {f2(r['test_reward'])} | {f2(r['test_oracle'])} "
             f"| {f2(r['test_bleu'])} | {f2(r['test_chrf'])} |" for r in rows]
-  with open(os.path.join(workdir, 'losses.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  fileio.write_text(os.path.join(workdir, 'losses.md'), '\n'.join(lines) + '\n')
   print('\n'.join(lines))
   return result

@@ -97,8 +97,7 @@ def train(model_dir: str,
   """
   os.makedirs(model_dir, exist_ok=True)
   cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
-  with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-    f.write(gin.config_str())
+  fileio.write_text(os.path.join(model_dir, 'config.gin'), gin.config_str())
   if train_data is None:
     train_data = input_pipeline.cached_task_data(task, 'train', inputs_length, targets_length, cache,
                                                  max_examples=max_train_examples)

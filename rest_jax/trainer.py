@@ -19,6 +19,7 @@ training, or a ReST loss (`rest_jax.losses`) for Improve. Nothing here imports T
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Mapping
 
@@ -33,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from rest_jax import partitioning
+from rest_jax import fileio, partitioning
 from rest_jax.models import base
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -295,6 +296,7 @@ class Checkpointer:
       self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      config=self._config(metrics)))
       self.latest.wait_until_finished()
+      fileio.note_write(os.path.join(self.model_dir, 'checkpoints', str(step)))
 
   def save_best(self, state: TrainState, metrics: Mapping[str, float]) -> bool:
     """Saves params if `metrics[best_metric]` is among the best; returns whether it is the best."""
@@ -304,17 +306,34 @@ class Checkpointer:
                                                    config=self._config(metrics)),
                      metrics={k: float(v) for k, v in metrics.items()})
       self.best.wait_until_finished()
+      fileio.note_write(os.path.join(self.model_dir, 'best', str(step)))
     return self.best.best_step() == step
 
   def restore_latest(self, target: TrainState) -> TrainState | None:
-    """The latest saved state laid out like `target` (abstract or concrete), or None."""
-    step = self.latest.latest_step()
-    if step is None:
+    """The latest saved state laid out like `target` (abstract or concrete), or None.
+
+    A latest checkpoint that fails to restore (damaged on disk) is deleted with a warning and the
+    one before it is restored instead (`keep` are kept), so the run resumes from there.
+
+    Raises:
+      ValueError: checkpoints exist but none of them restores (names the directory).
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    if not steps:
       return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self.latest.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored.state
+    for step in steps:
+      try:
+        restored = self.latest.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored.state
+      except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged checkpoint)
+        logging.warning('checkpoint %s/checkpoints/%d does not restore (%s: %s); deleting it '
+                        'and falling back to the one before', self.model_dir, step,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        self.latest.delete(step)
+    raise ValueError(f'no checkpoint under {self.model_dir}/checkpoints restores (steps '
+                     f'{steps}); delete {self.model_dir} and rerun the stage')
 
   def best_metrics(self) -> dict | None:
     if self.best is None or self.best.best_step() is None:
@@ -427,7 +446,6 @@ def restore_policy(policy: str, target_params: Any) -> Any:
   Raises:
     FileNotFoundError: no checkpoint / file. ValueError: an `.npz` of another model.
   """
-  from rest_jax import fileio
   if policy.endswith('.npz'):
     return fileio.load_params_npz(fileio.repo_path(policy), target_params)
   return restore_params(policy, target_params)
@@ -451,8 +469,15 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
     if step is not None:
       # best_step needs the metrics; the manager reads them back from its own directory.
       step = mngr.best_step() if mngr.best_step() is not None else step
-      return mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract))).params
+      try:
+        return mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract))).params
+      except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged checkpoint)
+        raise ValueError(
+            f'{best_dir}/{step} (the best checkpoint of {checkpoint_dir}) does not restore '
+            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); it is damaged: '
+            f'delete {checkpoint_dir} and rerun the stage that wrote it '
+            f'({os.path.basename(os.path.normpath(checkpoint_dir))})') from e
   mngr = ocp.CheckpointManager(os.path.join(checkpoint_dir, 'checkpoints'))
   step = mngr.latest_step()
   if step is None:

@@ -10,6 +10,7 @@ table cannot drift from the run that produced it:
 | `rest_stages` | docs/results.md | results/rest_main_cpu/report.json |
 | `rest_em_iterations`, `rest_em_buckets` | docs/results.md | results/rest_em_main_cpu/report.json |
 | `throughput` | docs/results.md | benchmarks/results/{grow,train}_{tiny,iwslt}.json |
+| `fault_soak` | docs/reliability.md | results/fault_soak.json (`scripts/fault_soak.py`) |
 
     python scripts/make_docs.py           # rewrite the blocks in place
     python scripts/make_docs.py --check   # exit 1 (naming the blocks) if any is out of date
@@ -138,7 +139,31 @@ def throughput() -> str:
   return _table(['benchmark', 'rest-jax', 'peer(s)', 'ratio'], rows, right_from=1)
 
 
+SOAK = 'results/fault_soak.json'
+
+
+def fault_soak() -> str:
+  r = _load(SOAK)
+  stages = sorted({k['stage'].split('/')[0] or '(start-up)' for k in r['kill_points']})
+  rows = [[f"random SIGKILL of the whole main job ({r['kills']} kills, {r['rounds']} starts, "
+           f"{r['wall_minutes']:.0f} min)", str(r['kills']),
+           f"{r['survived']} of {r['kills']}", str(r['records_lost']),
+           str(r['records_duplicated']), 'yes' if r['report_equal'] else 'NO',
+           f"`{r['command']}`"]]
+  table = _table(['fault', 'injected', 'survived', 'records lost', 'records duplicated',
+                  'report equal to the committed one', 'command'], rows, right_from=1)
+  counts = ', '.join(f'{name} {sum(k["stage"].split("/")[0] == name for k in r["kill_points"])}'
+                     for name in stages if name != '(start-up)')
+  recs = '; '.join(f"{d}: {v['distinct']} of {v['reference_report']}"
+                   for d, v in r['records'].items())
+  return (f'{table}
+
+Kills landed in (stage folder being written): {counts}. Records read '
+          f'back by key after the last restart: {recs}. Run on {r["date"]}.')
+
+
 BLOCKS = {'README.md': {'headline': headline},
+          'docs/reliability.md': {'fault_soak': fault_soak},
           'docs/results.md': {'rest_em_iterations': rest_em_iterations,
                               'rest_em_buckets': rest_em_buckets, 'rest_stages': rest_stages,
                               'throughput': throughput}}

@@ -6,6 +6,7 @@ the same loop killed right after Grow and resumed: the report must be the same.
 
 import json
 import os
+import shutil
 
 import gin
 import numpy as np
@@ -259,6 +260,27 @@ def test_rest_loop_end_to_end_and_resume(tmp_path, monkeypatch):
           == (g1i1['test_reward'], g1i1['test_bleu'], g1i1['test_oracle']))
   with open(os.path.join(straight, 'losses.md')) as f:
     assert '| gold |' in f.read()
+
+  # The work directory moved elsewhere: the loop and compare_losses resume from its stages (paths
+  # are recorded relative to it, or relocated), nothing is rerun, the figures are the same.
+  moved = str(tmp_path / 'elsewhere' / 'moved')
+  shutil.move(straight, moved)
+  run(['rest', f'--workdir={moved}'] + TINY)
+  assert strip(_report(moved), TIMING_KEYS) == strip(report, TIMING_KEYS)
+  run(['compare_losses', f'--workdir={moved}'] + TINY + [
+      "--gin.compare_losses.losses=('bc', 'gold')", '--gin.compare_losses.improve_steps_per_grow=2',
+      '--gin.compare_losses.dev_examples=8', '--gin.compare_losses.test_examples=8'])
+  assert not os.path.exists(os.path.join(moved, 'losses', 'bc', 'improve_1_0'))
+  with open(os.path.join(moved, 'losses.json')) as f:
+    assert strip(json.load(f), ('start_policy',)) == strip(losses, ('start_policy',))
+  shutil.move(moved, straight)
+  # A work directory made by another configuration is refused, the differences listed.
+  with pytest.raises(ValueError, match=r'holds a Grow with other settings \(temperature 0.8 -> '
+                     r'0.5\)'):
+    run(['rest', f'--workdir={straight}'] + TINY + ['--gin.grow.temperature=0.5'])
+  with pytest.raises(ValueError, match=r"Improve step made by another configuration \(loss "
+                     r"'bc' -> 'gold'\)"):
+    run(['rest', f'--workdir={straight}'] + TINY + ["--gin.improve.loss='gold'"])
 
   # Killed right after Grow 1 (the reward model's training never starts), then resumed.
   resumed = str(tmp_path / 'resumed')

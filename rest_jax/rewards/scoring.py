@@ -176,20 +176,16 @@ def score(output_dir: str,
                   rm_config=rm_config, task=task, reward=reward, metrics=list(metrics))
   pinned = records_lib.pin_settings(output_dir, settings, what='scores',
                                     path_keys=('grow_dir', 'rm_dir'))
-  finished = records_lib.finished_manifest(output_dir)
+  finished = records_lib.finished_manifest(output_dir, records_lib.SCORED)
   if finished is not None:
     logging.info('score: %s is complete', output_dir)
     return finished
 
   K = grow_manifest['counts']['chunks']
-  chunks = []
-  for k in range(K):
-    path = records_lib.chunk_path(grow_dir, records_lib.GROW, k, K)
-    if not fileio.exists(path) or not records_lib.is_done(grow_dir, records_lib.GROW, k):
-      raise FileNotFoundError(f'{path} or its completion marker is missing')
-    chunks.append(path)
+  records_lib.verify_output(grow_dir, records_lib.GROW)  # Every Grow chunk as its marker says.
+  chunks = [records_lib.chunk_path(grow_dir, records_lib.GROW, k, K) for k in range(K)]
   kind = records_lib.SCORED
-  todo = [k for k in range(K) if not records_lib.is_done(output_dir, kind, k)]
+  todo = [k for k in range(K) if not records_lib.is_done(output_dir, kind, k, K)]
   logging.info('score: %d Grow chunks (%d to do), reward %s -> %s', K, len(todo), reward,
                output_dir)
   if todo and reward == 'rm' and scorer is None:
