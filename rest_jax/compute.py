@@ -272,7 +272,7 @@ def workload_from_gin(loop: str | None = None, num_sources: int | None = None) -
     except ValueError:
       return inspect.signature(fn).parameters[name].default
   if loop is None:
-    loop = 'rest_em' if _bound('rest_em.model') else 'rest'
+    loop = 'rest_em' if rest._bound('rest_em.model') else 'rest'  # pylint: disable=protected-access
   fn = rest_em.rest_em if loop == 'rest_em' else rest.rest
   task = get(fn, 'task')
   w = {'loop': loop, 'task': task, 'num_sources': num_sources,
@@ -325,15 +325,6 @@ def workload_from_gin(loop: str | None = None, num_sources: int | None = None) -
                  'max_decode_len': get(rest.evaluate_policy, 'max_decode_len'),
                  'greedy_examples': [imp['dev_examples'], test_n]}
   return w
-
-
-def _bound(name: str) -> bool:
-  import gin
-  try:
-    gin.query_parameter(name)
-    return True
-  except ValueError:
-    return False
 
 
 def format_table(result: Mapping[str, Any]) -> str:
