@@ -26,8 +26,8 @@ setuptools.setup(
     extras_require={
         # Peers the benchmarks compare against (issue: side-by-side throughput).
         'bench': ['torch==2.13.0', 'transformers==5.23.0', 'ctranslate2==4.8.5', 'sacremoses==0.2.0'],
-        # Cloud launches of the gin configs (xm_launch/).
-        'launch': ['xmanager==0.8.5.post1'],
+        # Cloud launches (xm_launch/) have their own environment: xmanager needs protobuf<7,
+        # this stack pins 7.x (`bash xm_launch/env.sh` builds xm_launch/.venv).
     },
     entry_points={'console_scripts': ['rest-jax=rest_jax.main:main']},
 )
