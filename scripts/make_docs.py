@@ -143,6 +143,8 @@ SOAK = 'results/fault_soak.json'
 
 
 def fault_soak() -> str:
+  if not os.path.exists(os.path.join(ROOT, SOAK)):
+    return f'(No soak result committed: `{SOAK}` is written by `scripts/fault_soak.py`.)'
   r = _load(SOAK)
   stages = sorted({k['stage'].split('/')[0] or '(start-up)' for k in r['kill_points']})
   rows = [[f"random SIGKILL of the whole main job ({r['kills']} kills, {r['rounds']} starts, "
@@ -151,14 +153,12 @@ def fault_soak() -> str:
            str(r['records_duplicated']), 'yes' if r['report_equal'] else 'NO',
            f"`{r['command']}`"]]
   table = _table(['fault', 'injected', 'survived', 'records lost', 'records duplicated',
-                  'report equal to the committed one', 'command'], rows, right_from=1)
+                  'report equal to the reference', 'command'], rows, right_from=1)
   counts = ', '.join(f'{name} {sum(k["stage"].split("/")[0] == name for k in r["kill_points"])}'
                      for name in stages if name != '(start-up)')
   recs = '; '.join(f"{d}: {v['distinct']} of {v['reference_report']}"
                    for d, v in r['records'].items())
-  return (f'{table}
-
-Kills landed in (stage folder being written): {counts}. Records read '
+  return (f'{table}\n\nKills landed in (stage folder being written): {counts}. Records read '
           f'back by key after the last restart: {recs}. Run on {r["date"]}.')
 
 
