@@ -2,11 +2,15 @@
 then compared with the committed report (the main job is deterministic).
 
     python scripts/fault_soak.py --workdir=/tmp/soak --kills=20 [--seed=0] \
-        [--min_seconds=15 --max_seconds=75] [--out=docs/fault_soak.json]
+        [--min_seconds=40 --max_seconds=240] [--out=results/fault_soak.json]
 
 Each round starts `bash scripts/main.sh` (README command 1) in its own process group with
 WORKDIR=--workdir, waits a uniformly drawn time and kills the whole group (SIGKILL: no handler
-runs, as on a preempted VM); after `--kills` kills it lets the job finish. Then it checks:
+runs, as on a preempted VM); after `--kills` kills it lets the job finish. The delays must be
+long enough for a round to get past start-up (about 30 s) and one resume unit (a Grow chunk of
+250 sources, about 80 s on 2 cores): with 20-90 s, a first soak killed every round inside Grow 1's
+first chunk and never reached the later stages. Each kill records the stage folder being written
+and how many stages finished in that round. Then it checks:
 
   * the report: `report.json` equals `--reference` with wall-clock times removed (as the loop
     tests compare), stage by stage;
@@ -16,8 +20,8 @@ runs, as on a preempted VM); after `--kills` kills it lets the job finish. Then 
   * the lock: no restart was refused (a killed holder must release it).
 
 Writes a JSON summary (`--out`); `scripts/make_docs.py` turns it into the reliability table of
-`docs/results.md`. Run it alone on the machine: it takes the main job's time plus the work lost
-at each kill (about 30-40 minutes on 2 cores for 20 kills).
+`docs/reliability.md`. It takes the main job's time plus the start-up and work lost at each kill
+(about an hour on 2 cores for 20 kills).
 """
 
 from __future__ import annotations
@@ -61,11 +65,16 @@ def differences(a, b, path=''):
   return [] if same else [f'{path}: {b!r} -> {a!r}']
 
 
-def in_progress(workdir: str) -> str:
-  """The stage folder most recently written that has no `stage.json` yet ('' if none)."""
-  best, when = '', -1.0
+def in_progress(workdir: str, since: float) -> str:
+  """The stage folder holding the newest file written after `since` (a time.time()).
+
+  Files at the top of the work directory (the job lock, the log) are skipped: every start writes
+  them. '(start-up)' when the round had written nothing into a stage folder yet.
+  """
+  best, when = '(start-up)', since
   for root, dirs, files in os.walk(workdir):
-    if 'cache' in root.split(os.sep):
+    rel = os.path.relpath(root, workdir)
+    if rel == '.' or 'cache' in rel.split(os.sep):
       continue
     for name in files:
       try:
@@ -73,8 +82,16 @@ def in_progress(workdir: str) -> str:
       except OSError:
         continue
       if t > when:
-        best, when = os.path.relpath(root, workdir), t
+        best, when = rel.split(os.sep)[0], t
   return best
+
+
+def finished_stages(workdir: str) -> int:
+  """How many stage folders hold a `stage.json` (the loop's record that a stage is done)."""
+  try:
+    return sum(os.path.exists(os.path.join(workdir, d, 'stage.json')) for d in os.listdir(workdir))
+  except FileNotFoundError:
+    return 0
 
 
 def check_records(workdir: str, report: dict) -> dict:
@@ -97,11 +114,11 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--kills', type=int, default=20)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min_seconds', type=float, default=15.0)
-  parser.add_argument('--max_seconds', type=float, default=75.0)
+  parser.add_argument('--min_seconds', type=float, default=40.0)
+  parser.add_argument('--max_seconds', type=float, default=240.0)
   parser.add_argument('--reference', default=os.path.join(ROOT, 'results', 'rest_main_cpu',
                                                           'report.json'))
-  parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'fault_soak.json'))
+  parser.add_argument('--out', default=os.path.join(ROOT, 'results', 'fault_soak.json'))
   args = parser.parse_args(argv)
   rng = np.random.default_rng(args.seed)
   env = dict(os.environ, WORKDIR=args.workdir)
@@ -115,14 +132,17 @@ def main(argv=None):
                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     if len(kills) < args.kills:
       delay = float(rng.uniform(args.min_seconds, args.max_seconds))
+      round_start, done_before = time.time(), finished_stages(args.workdir)
       try:
         rc = p.wait(timeout=delay)
       except subprocess.TimeoutExpired:
-        stage = in_progress(args.workdir)
+        stage = in_progress(args.workdir, round_start)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        kills.append(dict(after_seconds=round(delay, 1), stage=stage))
-        print(f'[soak] kill {len(kills)} after {delay:.0f} s in {stage}', flush=True)
+        finished = finished_stages(args.workdir) - done_before
+        kills.append(dict(after_seconds=round(delay, 1), stage=stage, stages_finished=finished))
+        print(f'[soak] kill {len(kills)} after {delay:.0f} s in {stage} '
+              f'({finished} stages finished in this round)', flush=True)
         continue
     else:
       rc = p.wait()

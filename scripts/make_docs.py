@@ -146,7 +146,11 @@ def fault_soak() -> str:
   if not os.path.exists(os.path.join(ROOT, SOAK)):
     return f'(No soak result committed: `{SOAK}` is written by `scripts/fault_soak.py`.)'
   r = _load(SOAK)
-  stages = sorted({k['stage'].split('/')[0] or '(start-up)' for k in r['kill_points']})
+  order = []
+  for k in r['kill_points']:
+    if k['stage'] not in order:
+      order.append(k['stage'])
+  counts = ', '.join(f"{name} {sum(k['stage'] == name for k in r['kill_points'])}" for name in order)
   rows = [[f"random SIGKILL of the whole main job ({r['kills']} kills, {r['rounds']} starts, "
            f"{r['wall_minutes']:.0f} min)", str(r['kills']),
            f"{r['survived']} of {r['kills']}", str(r['records_lost']),
@@ -154,12 +158,11 @@ def fault_soak() -> str:
            f"`{r['command']}`"]]
   table = _table(['fault', 'injected', 'survived', 'records lost', 'records duplicated',
                   'report equal to the reference', 'command'], rows, right_from=1)
-  counts = ', '.join(f'{name} {sum(k["stage"].split("/")[0] == name for k in r["kill_points"])}'
-                     for name in stages if name != '(start-up)')
   recs = '; '.join(f"{d}: {v['distinct']} of {v['reference_report']}"
                    for d, v in r['records'].items())
-  return (f'{table}\n\nKills landed in (stage folder being written): {counts}. Records read '
-          f'back by key after the last restart: {recs}. Run on {r["date"]}.')
+  return (f'{table}\n\nKills landed in (the stage folder being written when the kill came): '
+          f'{counts}. Records read back by key after the last restart: {recs}. Run on '
+          f'{r["date"]}.')
 
 
 BLOCKS = {'README.md': {'headline': headline},
