@@ -21,6 +21,7 @@ table cannot drift from the run that produced it:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -146,11 +147,8 @@ def fault_soak() -> str:
   if not os.path.exists(os.path.join(ROOT, SOAK)):
     return f'(No soak result committed: `{SOAK}` is written by `scripts/fault_soak.py`.)'
   r = _load(SOAK)
-  order = []
-  for k in r['kill_points']:
-    if k['stage'] not in order:
-      order.append(k['stage'])
-  counts = ', '.join(f"{name} {sum(k['stage'] == name for k in r['kill_points'])}" for name in order)
+  counts = ', '.join(f'{stage} {n}' for stage, n in
+                     collections.Counter(k['stage'] for k in r['kill_points']).items())
   rows = [[f"random SIGKILL of the whole main job ({r['kills']} kills, {r['rounds']} starts, "
            f"{r['wall_minutes']:.0f} min)", str(r['kills']),
            f"{r['survived']} of {r['kills']}", str(r['records_lost']),
