@@ -80,13 +80,18 @@ class ArrayBatcher:
     plan = order.reshape(self.batches_per_epoch, self.batch_size)
     return plan[rng.permutation(self.batches_per_epoch)]
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of training step `step` (0-based); epochs follow each other seamlessly."""
+  def batch_at(self, step: int, host_rows: slice | None = None) -> dict[str, np.ndarray]:
+    """The batch of training step `step` (0-based); epochs follow each other seamlessly.
+
+    host_rows: only these rows of the global batch (`distributed.host_rows`: a host of a
+      multi-host job loads its own rows); the length bucket is still the global batch's.
+    """
     epoch, index = divmod(step, self.batches_per_epoch)
-    rows = self._epoch_plan(epoch)[index]
+    plan = self._epoch_plan(epoch)[index]
+    rows = plan if host_rows is None else plan[host_rows]
     batch = {k: np.asarray(v[rows]) for k, v in self.arrays.items()}
     if self.length_buckets:
-      longest = max(int(v[rows].max()) for v in self._lengths.values())
+      longest = max(int(v[plan].max()) for v in self._lengths.values())
       n = bucket_length(longest, self.length_buckets)
       for key in LENGTH_KEYS:
         if key in batch:

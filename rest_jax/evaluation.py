@@ -14,7 +14,7 @@ import numpy as np
 import sacrebleu
 
 from rest_jax import data as data_lib
-from rest_jax import inference
+from rest_jax import distributed, inference
 
 LENGTH_BUCKETS = inference.LENGTH_BUCKETS
 
@@ -62,7 +62,10 @@ def decode_candidates(model, params, encoder_input_tokens: np.ndarray, *, method
   (`inference.run_batched`, grouping 'sorted'), so decoding compiles once per bucket. A batch
   decodes at most `data.decode_length(bucket, max_decode_len, decode_length_ratio)` tokens.
   mesh: shard the batches over it (None: unsharded, on the default device).
+  On several hosts every host decodes all sources with a host-local copy of `params`
+  (`distributed.host_local`, a collective: every host calls this with the same sources).
   """
+  params = distributed.host_local(params)
   def step(buckets, batch):
     predict = _jitted_predict(
         model, method, data_lib.decode_length(buckets[0], max_decode_len, decode_length_ratio),

@@ -2,7 +2,9 @@
 
 Every function takes a local path or a URL that `etils.epath` understands (`gs://bucket/dir`,
 `s3://...` with the matching backend installed), so a work directory can live on a bucket. Writes
-are atomic: the content goes to `<path>.tmp` first and is then renamed over `path` (a local
+are atomic: the content goes to `<path>.tmp.<pid>` first (one temporary name per process, so that
+workers or hosts writing the same file at once do not write into each other's temporary file)
+and is then renamed over `path` (a local
 `os.replace`; a copy + delete on object stores, where a reader sees the old object or the new one,
 never a partial one), so a killed run leaves either the old file or the new one, never half a
 file. TensorFlow is not imported here (the TFRecord files are `rest_jax.records`'s).
@@ -115,7 +117,7 @@ def atomic_replace(tmp: str, path: str) -> None:
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically (parent dirs created)."""
   makedirs(os.path.dirname(path) or '.')
-  tmp = f'{path}.tmp'
+  tmp = f'{path}.tmp.{os.getpid()}'
   try:
     with open_file(tmp, 'wb') as f:
       f.write(text.encode('utf-8'))

@@ -19,8 +19,10 @@ Two layers:
   counts). A restarted Grow skips marked chunks and redoes the others from scratch, so a killed run
   resumes to output byte-identical to an uninterrupted one. `settings.json` (written first, see
   `records.pin_settings`) pins the settings; `manifest.json` (written last) marks the Grow
-  complete. With several hosts, host p grows the chunks k with k % process_count == p, so the
-  files are the same for any host count.
+  complete. The hosts of a multi-host job, and independent worker processes of one job
+  (`REST_JAX_JOB_ID`), share the chunks by claiming them (`records.claim_chunks`): a worker
+  killed mid-chunk loses that chunk only, which another redoes, and the files are the same for
+  any number of hosts or workers.
 
 Records (one `tf.train.Example` per kept candidate, see `records.RECORD_FIELDS`): per source, the
 reference record (origin 'reference', candidate_index -1, `logprob_policy` = the policy's
@@ -34,6 +36,7 @@ genuine draw of the policy, and the reward model scores it like any other sample
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -47,7 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rest_jax import data as data_lib
-from rest_jax import decoding, fileio, inference, input_pipeline, partitioning, records
+from rest_jax import decoding, distributed, fileio, inference, input_pipeline, partitioning
+from rest_jax import records
 from rest_jax import trainer as trainer_lib
 from rest_jax.models import encoder_decoder
 from rest_jax.models.transformer import EOS_ID
@@ -285,8 +289,8 @@ def grow(output_dir: str,
     inputs_length, targets_length: feature lengths of the tokenized split (tokens).
     task_data: an `input_pipeline.TaskData` to grow instead of loading `task`/`split` (tests).
     detokenize: ids -> text (default: the task's SentencePiece detokenizer).
-    mesh: decoding mesh (default: this host's devices, `create_mesh` partitions). Each host grows
-      the chunks with index % process_count == process_index on its own devices.
+    mesh: decoding mesh (default: this host's devices, `create_mesh` partitions). Each host or
+      worker grows the chunks it claims (`records.claim_chunks`) on its own devices.
     params: policy params to use instead of restoring `policy_dir` (tests).
     _stop_after_chunks: test hook: raise `GrowInterrupted` after this many chunks were written.
 
@@ -329,14 +333,14 @@ def grow(output_dir: str,
     logging.info('grow: %s is complete', output_dir)
     return finished
 
-  # Chunk k holds sources [k * chunk_size, (k + 1) * chunk_size); host p grows the chunks with
-  # k % P == p, so the files do not depend on the host count (which is outside the settings hash).
+  # Chunk k holds sources [k * chunk_size, (k + 1) * chunk_size), whoever makes it: the hosts of
+  # a job and independent workers claim chunks (`records.claim_chunks`), so the files depend on
+  # neither the host count (outside the settings hash) nor the number of workers.
   K = -(-num_sources // chunk_size)
-  mine = [k for k in range(K) if k % P == p]
-  todo = [k for k in mine if not records.is_done(output_dir, records.GROW, k, K)]
+  todo = [k for k in range(K) if not records.is_done(output_dir, records.GROW, k, K)]
   chunk_rows = lambda k: np.arange(k * chunk_size, min((k + 1) * chunk_size, num_sources))
-  logging.info('grow: %d sources, %d chunks (%d on this host to do) -> %s', num_sources, K,
-               len(todo), output_dir)
+  logging.info('grow: %d sources, %d chunks (%d to do) -> %s', num_sources, K, len(todo),
+               output_dir)
 
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
   if detokenize is None:
@@ -344,7 +348,9 @@ def grow(output_dir: str,
     if policy_dir:
       input_pipeline.check_policy_vocab(policy_dir, task)
     detokenize = input_pipeline.detokenizer(task)
-  if todo:
+  # In a multi-host job every host restores the policy, even one that finds no chunk left:
+  # orbax's restore is a collective there (each host's mesh is its own devices).
+  if todo or P > 1:
     abstract = trainer_lib.abstract_params(model, mesh)
     if params is None:
       if not policy_dir:
@@ -353,50 +359,50 @@ def grow(output_dir: str,
     else:
       params = jax.device_put(nn.meta.unbox(params), jax.tree.map(lambda a: a.sharding, abstract))
 
-  total = sum(len(chunk_rows(k)) for k in todo)
+  total = sum(len(chunk_rows(k)) for k in todo)  # At most: other workers may make some.
   bar = tqdm(total=total, desc=f'grow {grow_step}', unit='src', dynamic_ncols=True,
              mininterval=2.0, disable=p != 0)
-  drawn, tokens, decode_seconds = 0, 0, 0.0
-  for done, k in enumerate(todo):
-    rows = chunk_rows(k)
-    t0 = time.perf_counter()
-    enc = task_data.arrays['encoder_input_tokens'][rows]
+  drawn, tokens, decode_seconds, made = 0, 0, 0.0, 0
+  with contextlib.closing(records.claim_chunks(output_dir, records.GROW, K)) as claimed:
+    for k in claimed:
+      rows = chunk_rows(k)
+      t0 = time.perf_counter()
+      enc = task_data.arrays['encoder_input_tokens'][rows]
 
-    def progress(m):
-      bar.update(m)
-      bar.set_postfix(cand_s=f'{bar.n * num_decodes / (time.perf_counter() - start):,.1f}')
-    samples = sample_candidates(model, params, enc, rows, seed=this_seed,
-                                num_decodes=num_decodes,
-                                temperature=temperature, topk=topk, topp=topp,
-                                max_decode_len=max_decode_len,
-                                decode_length_ratio=decode_length_ratio, mesh=mesh,
-                                batch_size=batch_size,
-                                progress=progress)
-    ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
-                           mesh=mesh, batch_size=batch_size)
-    decode_seconds += time.perf_counter() - t0
-    chunk, counts = chunk_records(rows, task_data, samples, ref, detokenize, grow_step,
-                                  pinned.record_format)
-    drawn += counts['samples_drawn']
-    tokens += counts['generated_tokens']
-    records.write_chunk(output_dir, records.GROW, k, K, chunk, counts)
-    if _stop_after_chunks is not None and done + 1 >= _stop_after_chunks:
-      raise GrowInterrupted(f'stopped after {done + 1} chunks (test hook)')
+      def progress(m):
+        bar.update(m)
+        bar.set_postfix(cand_s=f'{bar.n * num_decodes / (time.perf_counter() - start):,.1f}')
+      samples = sample_candidates(model, params, enc, rows, seed=this_seed,
+                                  num_decodes=num_decodes,
+                                  temperature=temperature, topk=topk, topp=topp,
+                                  max_decode_len=max_decode_len,
+                                  decode_length_ratio=decode_length_ratio, mesh=mesh,
+                                  batch_size=batch_size,
+                                  progress=progress)
+      ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
+                             mesh=mesh, batch_size=batch_size)
+      decode_seconds += time.perf_counter() - t0
+      chunk, counts = chunk_records(rows, task_data, samples, ref, detokenize, grow_step,
+                                    pinned.record_format)
+      drawn += counts['samples_drawn']
+      tokens += counts['generated_tokens']
+      records.write_chunk(output_dir, records.GROW, k, K, chunk, counts)
+      made += 1
+      if _stop_after_chunks is not None and made >= _stop_after_chunks:
+        raise GrowInterrupted(f'stopped after {made} chunks (test hook)')
   bar.close()
 
-  if P > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('rest_jax.grow.done')
+  distributed.barrier('rest_jax.grow.done')
   counts = records.sum_counts(output_dir, records.GROW, K)
   counts['chunks'] = K
   wall = time.perf_counter() - start
   manifest = dict(policy_dir=pinned.settings['policy_dir'], task=task, split=split,
                   settings=pinned.settings, settings_hash=pinned.settings_hash, counts=counts,
-                  chunks_resumed=len(mine) - len(todo),
+                  chunks_resumed=K - len(todo),
                   wall_seconds=wall, decode_seconds=decode_seconds,
                   generated_tokens_this_run=tokens,
                   generated_tokens_per_second=tokens / max(decode_seconds, 1e-9))
-  if p == 0:
+  if p == 0:  # Host 0 of a job; every independent worker (each one's host 0) when it ends.
     records.write_manifest(output_dir, manifest)
   logging.info('grow: %d records (%d samples kept of %d, %d references) in %.0f s, %.0f tok/s',
                counts['records'], counts['samples_kept'], counts['samples_drawn'],

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from rest_jax import fileio
+from rest_jax import distributed, fileio
 from rest_jax import data as data_lib
 from rest_jax import evaluation, filtering, input_pipeline, losses, partitioning, summaries
 from rest_jax import trainer as trainer_lib
@@ -417,6 +417,7 @@ def improve(model_dir: str,
   if not history:
     evaluate(state, initial_dev)
   batcher = data_lib.ArrayBatcher(arrays, batch_size, seed=seed)
+  rows = distributed.host_rows(batch_size, mesh)  # This host's rows of every global batch.
   start_kl, end_kl = kl_anneal
   bar = tqdm(total=num_steps, initial=step, desc=f'improve {os.path.basename(model_dir)}',
              unit='step', dynamic_ncols=True, mininterval=2.0)
@@ -427,9 +428,9 @@ def improve(model_dir: str,
   while step < num_steps and stale < patience:
     if max_minutes is not None and train_seconds >= max_minutes * 60:
       break
-    batch = batcher.batch_at(step)
+    batch = batcher.batch_at(step, rows)
     kl = losses.kl_weight_schedule(step, num_steps, start_kl, end_kl)
-    batch['kl_weight'] = np.full((batch_size,), kl, np.float32)
+    batch['kl_weight'] = np.full((rows.stop - rows.start,), kl, np.float32)
     state, metrics = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
     guard.add(step, metrics['loss'])

@@ -11,6 +11,10 @@
         --policy=checkpoints/bc_tiny_libreoffice_de_en/params.npz [--input=F] [--output=F] \
         [--method=greedy|beam|sample] [--num_decodes=N --rm_dir=DIR] [--jsonl]
 
+Multi-host: the same command on every host with `--distributed` (or `REST_JAX_DISTRIBUTED=1`),
+plus `--coordinator_address=HOST:PORT --num_processes=P --process_id=I` where JAX cannot detect
+them (`rest_jax.distributed`). Independent Grow / scoring workers: the same command in several
+processes with one `REST_JAX_JOB_ID` (they share the chunks, `records.claim_chunks`).
 `--gin_file` may repeat; `--gin.NAME=VALUE` adds one binding (`--gin.train.batch_size=32`);
 `--gin_search_path` (default: the repo root and `gin_configs/`) resolves `include` lines.
 `--workdir` (default ./workdir) holds every stage of a run; `--model_dir` defaults to
@@ -123,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--workdir', default='workdir')
   parser.add_argument('--model_dir', default=None)
   parser.add_argument('--log_level', default='INFO')
+  parser.add_argument('--distributed', action='store_true',
+                      help='join a multi-host job (jax.distributed; also $REST_JAX_DISTRIBUTED=1)')
+  parser.add_argument('--coordinator_address', default=None,
+                      help='host:port of process 0 (default: auto-detected by JAX)')
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
   parser.add_argument('--repair', action='store_true',
                       help='regenerate corrupt or missing record chunks instead of stopping')
   # translate (each also a gin parameter of `translate_lines` when not given here):
@@ -138,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from rest_jax import distributed
+  if distributed.requested(args.distributed):
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   if args.command == 'translate' and not any(b.startswith('translate_lines.model')
                                              for b in bindings):
     bindings.insert(0, 'translate_lines.model = %MODEL')  # The model gin file's MODEL.

@@ -57,7 +57,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rest_jax import fileio
 
@@ -274,6 +274,87 @@ def write_chunk(out_dir: str, kind: ChunkKind, k: int, num_chunks: int,
   write_records(path, records, extra_float_fields)
   fileio.write_json(marker_path(out_dir, kind, k),
                     dict(counts, **{MARKER_FILE_KEY: file_digest(path)}))
+
+
+# -- sharing the chunks of an output between workers ------------------------------------------
+
+CLAIMS_DIR = '.claims'
+
+
+def _try_claim(path: str):
+  """An open fd holding an exclusive `flock` on `path`, or None if another process holds it."""
+  import fcntl
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    return None
+  except OSError as e:
+    os.close(fd)
+    raise OSError(f'{path}: the file system does not support locks ({e}); share chunks between '
+                  'workers on a local or NFSv4 directory') from e
+  return fd
+
+
+def claim_chunks(out_dir: str, kind: ChunkKind, num_chunks: int, *,
+                 poll_seconds: float = 1.0) -> Iterator[int]:
+  """Yields the chunks of `out_dir` that this process is to make, each claimed while it is made.
+
+  The one way the chunks of a Grow or a scoring are shared: between the hosts of a multi-host
+  job and between independent worker processes (`REST_JAX_JOB_ID`, `rest_jax.joblock`) alike.
+  Chunk k is a fixed range of sources, so it does not matter which worker makes it.
+
+  A claim is an exclusive `fcntl.flock` on `<out_dir>/.claims/<prefix>-KKKKK.claim`, held from
+  the moment chunk k is yielded until the caller asks for the next one (by then it has written
+  the chunk and its marker, `write_chunk`). The kernel releases the lock when its holder dies, so
+  a worker killed mid-chunk loses only that chunk: another worker, still waiting for it, claims
+  and redoes it. Chunks that verify are never yielded (their markers are checked once, at the
+  start; later markers were just written by live workers). The generator returns when every chunk
+  has its marker: a worker with nothing left to claim waits (polling every `poll_seconds`) for the
+  chunks that others hold, so that each worker ends only when the output is complete, and any
+  of them can then write the manifest.
+
+  On an object store (a URL `out_dir`), which has no locks, there are no claims: host p of P
+  (`jax.process_index()`, `jax.process_count()`) makes the chunks with k % P == p and returns
+  without waiting (hosts then meet at a barrier). Independent workers need a shared POSIX file
+  system (local, NFSv4).
+
+  Raises:
+    CorruptChunkError: as `verify_chunk` (a done chunk that fails its marker, without --repair).
+    OSError: the file system does not support locks.
+  """
+  import time
+  if fileio.is_url(out_dir):
+    import jax
+    p, P = jax.process_index(), jax.process_count()
+    yield from [k for k in range(num_chunks)
+                if k % P == p and not verify_chunk(out_dir, kind, k, num_chunks)]
+    return
+  claims = os.path.join(out_dir, CLAIMS_DIR)
+  os.makedirs(claims, exist_ok=True)
+  pending = [k for k in range(num_chunks) if not verify_chunk(out_dir, kind, k, num_chunks)]
+  waited = False
+  while pending:
+    for k in list(pending):
+      if fileio.exists(marker_path(out_dir, kind, k)):
+        pending.remove(k)
+        continue
+      fd = _try_claim(os.path.join(claims, f'{kind.prefix}-{k:05d}.claim'))
+      if fd is None:
+        continue  # Another worker is making it.
+      try:
+        if not fileio.exists(marker_path(out_dir, kind, k)):  # Finished since the check above?
+          yield k
+        pending.remove(k)
+      finally:
+        os.close(fd)  # Releases the claim.
+    if pending:
+      if not waited:
+        import logging
+        logging.info('%s: waiting for chunks %s, made by other workers', kind.what, pending)
+        waited = True
+      time.sleep(poll_seconds)
 
 
 def read_marker(out_dir: str, kind: ChunkKind, k: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from rest_jax import fileio
+from rest_jax import distributed, fileio
 from rest_jax import data as data_lib
 from rest_jax import evaluation, input_pipeline, partitioning, summaries, trainer as trainer_lib
 
@@ -141,6 +141,7 @@ def train(model_dir: str,
     logging.info('resumed from step %d', start_step)
 
   batcher = data_lib.ArrayBatcher(train_data.arrays, batch_size, seed=seed)
+  rows = distributed.host_rows(batch_size, mesh)  # This host's rows of every global batch.
   writer = summaries.metric_writer(model_dir)
   pending_marks = [m for m in eval_at_minutes
                    if m not in [e['minutes'] for e in summary['eval_at_minutes']]]
@@ -175,7 +176,7 @@ def train(model_dir: str,
   while step < num_steps:
     if max_minutes is not None and train_seconds >= max_minutes * 60:
       break
-    batch = partitioning.shard_batch(batcher.batch_at(step), mesh)
+    batch = partitioning.shard_batch(batcher.batch_at(step, rows), mesh)
     state, metrics = t.train_step(state, batch)
     step += 1
     guard.add(step, metrics['loss'])

@@ -62,6 +62,8 @@ def test_dry_run_spec_tpu_and_gpu():
                             '--workdir=gs://b/iwslt']
   assert tpu['gin_files'] == ['gin_configs/runs/rest_iwslt14_de_en.gin']
   assert tpu['env'][spec.DISTRIBUTED_ENV] == '1'  # 4 hosts, one command.
+  from rest_jax import distributed
+  assert spec.DISTRIBUTED_ENV == distributed.DISTRIBUTED_ENV  # The variable main.py reads.
   assert tpu['entrypoint'][-1] == tpu['command_line']
   gpu = spec.job_spec('rest-em', 'a100=8', 'gs://b/gsm8k', [], ['--gin.grow.batch_size=64'])
   assert gpu['accelerator']['chip'] == 'a100' and gpu['accelerator']['num_hosts'] == 1

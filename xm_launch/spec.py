@@ -37,7 +37,8 @@ MODES = {
     'rest-em': ('rest-em', 'gin_configs/runs/rest_em_gsm8k.gin'),
 }
 # The environment variable that asks every `rest-jax` command to call `jax.distributed.initialize`
-# (issue 17 part 1; our name for it, set on multi-host slices).
+# (`rest_jax.distributed.DISTRIBUTED_ENV`, which imports jax: not importable here; tests check that
+# the two are equal). Set on multi-host slices.
 DISTRIBUTED_ENV = 'REST_JAX_DISTRIBUTED'
 BASE_IMAGE = 'python:3.11'  # Our choice for TPU and GPU: jax's pip wheels bring CUDA themselves.
 _URL = re.compile(r'^[a-z][a-z0-9+.-]*://')

@@ -29,16 +29,18 @@ of that chunk is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from typing import Any, Mapping, Sequence
 
 import gin
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from rest_jax import fileio, records as records_lib
+from rest_jax import distributed, fileio, records as records_lib
 from rest_jax.models.transformer import EOS_ID
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import verifiers
@@ -175,7 +177,9 @@ def score(output_dir: str,
                   rm_dir=rm_dir if rm_dir and reward == 'rm' else None,
                   rm_config=rm_config, task=task, reward=reward, metrics=list(metrics))
   pinned = records_lib.pin_settings(output_dir, settings, what='scores',
-                                    path_keys=('grow_dir', 'rm_dir'))
+                                    path_keys=('grow_dir', 'rm_dir'),
+                                    process_count=jax.process_count(),
+                                    write=jax.process_index() == 0)
   finished = records_lib.finished_manifest(output_dir, records_lib.SCORED)
   if finished is not None:
     logging.info('score: %s is complete', output_dir)
@@ -193,19 +197,27 @@ def score(output_dir: str,
     scorer = rm_model.load_reward_model(rm_dir)
 
   fields = ['reward'] + list(metrics)
-  bar = tqdm(total=len(todo), desc='score', unit='chunk', dynamic_ncols=True)
-  for done, k in enumerate(todo):
-    records = score_records(records_lib.read_records(chunks[k]), reward=reward, metrics=metrics,
-                            scorer=scorer, batch_size=batch_size, where=chunks[k])
-    records_lib.write_chunk(output_dir, kind, k, K, records,
-                            {'records': len(records), 'by_origin': _chunk_counts(records, fields)},
-                            extra_float_fields=['reward', 'reward_raw'] + list(metrics))
-    bar.update(1)
-    mean = np.mean([r['reward'] for r in records]) if records else float('nan')
-    bar.set_postfix(records=len(records), mean_reward=f'{mean:.3f}')
-    if _stop_after_chunks is not None and done + 1 >= _stop_after_chunks:
-      raise ScoringInterrupted(f'stopped after {done + 1} chunks (test hook)')
+  bar = tqdm(total=len(todo), desc='score', unit='chunk', dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  made = 0
+  # The hosts of a job and independent workers share the chunks (`records.claim_chunks`).
+  with contextlib.closing(records_lib.claim_chunks(output_dir, kind, K)) as claimed:
+    for k in claimed:
+      records = score_records(records_lib.read_records(chunks[k]), reward=reward,
+                              metrics=metrics, scorer=scorer, batch_size=batch_size,
+                              where=chunks[k])
+      records_lib.write_chunk(output_dir, kind, k, K, records,
+                              {'records': len(records),
+                               'by_origin': _chunk_counts(records, fields)},
+                              extra_float_fields=['reward', 'reward_raw'] + list(metrics))
+      bar.update(1)
+      mean = np.mean([r['reward'] for r in records]) if records else float('nan')
+      bar.set_postfix(records=len(records), mean_reward=f'{mean:.3f}')
+      made += 1
+      if _stop_after_chunks is not None and made >= _stop_after_chunks:
+        raise ScoringInterrupted(f'stopped after {made} chunks (test hook)')
   bar.close()
+  distributed.barrier('rest_jax.score.done')
 
   total = 0
   by_origin = {o: {'count': 0, 'sum': {f: 0.0 for f in fields},
@@ -235,7 +247,8 @@ def score(output_dir: str,
       chunks_resumed=K - len(todo), wall_seconds=time.perf_counter() - start)
   if reward in verifiers.VERIFIER_REWARDS:
     manifest['reasons'] = reasons
-  records_lib.write_manifest(output_dir, manifest)
+  if jax.process_index() == 0:  # Host 0 of a job; every independent worker when it ends.
+    records_lib.write_manifest(output_dir, manifest)
   logging.info('score: %d records; mean reward: reference %.3f, sample %.3f', total,
                manifest['mean_reward']['reference'], manifest['mean_reward']['sample'])
   return manifest

@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from rest_jax import data as data_lib
 from rest_jax import fileio, grow as grow_lib, inference, partitioning, records as records_lib
-from rest_jax import summaries, trainer as trainer_lib
+from rest_jax import distributed, summaries, trainer as trainer_lib
 from rest_jax.models import base
 from rest_jax.rewards import metrics as metrics_lib
 from rest_jax.rewards import model as rm_model
@@ -369,6 +369,7 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
   lengths = (arrays['segment_ids'] != 0).sum(-1).max(-1)  # [S] longest packed row per source.
   per_epoch = num_sources // bs
+  mine = distributed.host_rows(bs, mesh)
   start = time.perf_counter()
   bar = tqdm(total=num_steps, desc=desc, unit='step', dynamic_ncols=True, mininterval=2.0,
              disable=jax.process_index() != 0)
@@ -384,8 +385,9 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
   while step < num_steps:
     if max_minutes is not None and time.perf_counter() - start >= max_minutes * 60:
       break
-    rows = epoch_plan(lengths, bs, seed, step // per_epoch)[step % per_epoch]
-    n = data_lib.bucket_length(max(int(lengths[rows].max()), 1), buckets)
+    plan = epoch_plan(lengths, bs, seed, step // per_epoch)[step % per_epoch]
+    n = data_lib.bucket_length(max(int(lengths[plan].max()), 1), buckets)
+    rows = plan[mine]  # This host's rows of the global batch.
     batch = {k: v[rows][..., :n] if v.ndim == 3 else v[rows] for k, v in arrays.items()}
     state, m = t.train_step(state, partitioning.shard_batch(batch, mesh))
     step += 1
