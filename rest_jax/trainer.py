@@ -338,9 +338,21 @@ class Checkpointer:
   def best_metrics(self) -> dict | None:
     if self.best is None or self.best.best_step() is None:
       return None
-    cfg = self.best.restore(self.best.best_step(),
-                            args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return cfg.config['metrics']
+    return _saved_metrics(self.best, self.best.best_step())
+
+  def latest_metrics(self, step: int) -> dict[str, float]:
+    """The `metrics` saved with latest checkpoint `step` (`save(state, metrics)`; {} if none).
+
+    Raises:
+      FileNotFoundError (orbax's): no latest checkpoint of that step.
+    """
+    return _saved_metrics(self.latest, step)
+
+
+def _saved_metrics(mngr: ocp.CheckpointManager, step: int) -> dict[str, float]:
+  """The 'metrics' of the `config` JSON item of checkpoint `step` of `mngr`."""
+  cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return dict(cfg.config['metrics'])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -378,7 +390,8 @@ class LossGuard:
   Args:
     run: how the messages name the run (its output folder).
     checkpointer: the run's `Checkpointer`, whose latest (and best) checkpoint the message names
-      as the last good one; None for a run that saves only after training (`train_rm.fit`).
+      as the last good one; None for a run that saves only after training (`train_rm.fit`
+      without a checkpointer).
 
   Raises (from `check`):
     NonFiniteLossError (a FloatingPointError): the message names the run, the step, the bad

@@ -1,8 +1,12 @@
 """The reward side of ReST: metric rewards, RM losses, a tiny RM, resumable scoring, rm_check."""
 
+import dataclasses
 import filecmp
+import itertools
 import json
 import os
+import shutil
+import types
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ import sacrebleu
 from rest_jax import records as records_lib
 from rest_jax import grow as grow_lib
 from rest_jax import input_pipeline
+from rest_jax import trainer as trainer_lib
 from rest_jax.rewards import check, metrics, scoring, train_rm
 from rest_jax.rewards import model as rm_model
 
@@ -295,6 +300,125 @@ def test_train_reward_model_writes_tensorboard_scalars(rm_dir):
     for k in ('pairwise_accuracy', 'kendall_tau', 'pearson'):
       assert list(scalars[prefix + k]) == [6]
       np.testing.assert_allclose(scalars[prefix + k][6], dev[part]['chrf'][k], rtol=1e-6)
+
+
+# -- reward-model training killed and resumed ------------------------------------------------------
+
+TRAIN_STEP = trainer_lib.Trainer.train_step
+
+
+class Killed(Exception):
+  """Stands for a SIGKILL of the training process (raised by `kill_before_step`)."""
+
+
+def kill_before_step(monkeypatch, step):
+  """Makes `Trainer.train_step` raise `Killed` instead of the update from state step `step`
+  (None: never); returns the list that gets one entry per update run."""
+  ran = []
+
+  def train_step(self, state, batch):
+    if step is not None and int(jax.device_get(state.step)) == step:
+      raise Killed(step)
+    ran.append(1)
+    return TRAIN_STEP(self, state, batch)
+
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_step', train_step)
+  return ran
+
+
+def checkpoint_steps(out):
+  return sorted(int(n) for n in os.listdir(os.path.join(out, 'checkpoints')) if n.isdigit())
+
+
+def test_fit_killed_after_a_checkpoint_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch):
+  """Killed at step 6 (checkpoint at 4), resumed: steps 5-10 run again and give the whole state
+  (params, AdamW moments, schedule count, frozen embedding's multi_transform) of a straight run;
+  dropout on, so the rng must follow the step. max_minutes counts the killed run's time."""
+  config = dataclasses.replace(TINY, dropout_rate=0.1)
+  train = marker_arrays(32, seed=0)
+  arrays = train_rm.pack_by_source(train, train.labels['oracle'], config.max_len)
+  kw = dict(num_steps=10, batch_size=8, learning_rate=3e-3, warmup_steps=2, seed=0,
+            train_embedding=False)
+  fit = lambda **k: train_rm.fit(config, arrays, params=train_rm.init_params(config, 0), **k)
+  straight, straight_info = fit(**kw)  # (fresh params each time: `fit` donates them.)
+  straight = jax.device_get(straight)
+  run = str(tmp_path / 'run')
+  ckpt = lambda: dict(checkpointer=trainer_lib.Checkpointer(run, keep=2), checkpoint_every=4)
+
+  ran = kill_before_step(monkeypatch, 6)
+  with monkeypatch.context() as m:  # A clock of 1000 s a reading: the killed run "took" hours.
+    ticks = itertools.count(0.0, 1000.0)
+    m.setattr(train_rm, 'time', types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    with pytest.raises(Killed):
+      fit(**kw, **ckpt())
+  assert len(ran) == 6 and checkpoint_steps(run) == [4]
+  seconds = trainer_lib.Checkpointer(run).latest_metrics(4)['train_seconds']
+  assert seconds >= 1000
+  # max_minutes is training time over the restarts: 1 minute was spent before the kill.
+  del ran[:]
+  _, info = fit(**dict(kw, max_minutes=1), **ckpt())
+  assert not ran and info['steps'] == info['resumed_from'] == 4 and checkpoint_steps(run) == [4]
+
+  ran = kill_before_step(monkeypatch, None)
+  resumed, info = fit(**kw, **ckpt())
+  assert len(ran) == 6 and info['resumed_from'] == 4 and info['steps'] == 10
+  assert info['train_seconds'] > seconds and checkpoint_steps(run) == [8, 10]
+  resumed = jax.device_get(resumed)
+  assert jax.tree.structure(resumed) == jax.tree.structure(straight)
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  assert int(resumed.step) == 10
+  assert (info['final_loss'], info['final_train_pairwise_accuracy']) == (
+      straight_info['final_loss'], straight_info['final_train_pairwise_accuracy'])
+
+
+def test_train_reward_model_killed_resumes_and_refuses_other_settings(grow_dir, tmp_path,
+                                                                      monkeypatch):
+  """`train_reward_model` killed at step 5 (checkpoints at 2, 4): a rerun with other settings
+  is refused and changes nothing; the same settings resume from step 4 to a straight run's params
+  and summary, keeping the event files; only the final checkpoint is left. Checkpoints of a run
+  from before settings were pinned (no settings.json) are not resumed: it starts at step 0.
+
+  Random embedding init: the LSI of this tiny corpus is not reproducible to the last bit from one
+  call to the next (ARPACK on a degenerate matrix), so two straight runs would differ."""
+  kw = dict(grow_dir=str(grow_dir), task='tiny', num_steps=6, batch_size=8, warmup_steps=2,
+            dev_fraction=0.25, config=TINY, tokenize=tokenize, embedding_init=None)
+  straight_dir = str(tmp_path / 'straight' / 'rm')
+  straight = train_rm.train_reward_model(straight_dir, **kw)  # No checkpoint before the end.
+  kw['checkpoint_every'] = 2
+  out = str(tmp_path / 'rm')
+  ran = kill_before_step(monkeypatch, 5)
+  with pytest.raises(Killed):
+    train_rm.train_reward_model(out, **kw)
+  assert checkpoint_steps(out) == [2, 4]
+  legacy = str(tmp_path / 'legacy' / 'rm')
+  shutil.copytree(out, legacy)
+  os.remove(os.path.join(legacy, records_lib.SETTINGS_FILE))
+  events = sorted(n for n in os.listdir(out) if n.startswith('events.out.tfevents.'))
+  assert events
+  before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+  with pytest.raises(ValueError, match=r'a reward model with other settings \(learning_rate '):
+    train_rm.train_reward_model(out, **dict(kw, learning_rate=1e-3))
+  assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+
+  ran = kill_before_step(monkeypatch, None)
+  summary = train_rm.train_reward_model(out, **kw)
+  assert len(ran) == 2 and checkpoint_steps(out) == [6]  # Steps 5 and 6 only.
+  assert set(events) <= set(os.listdir(out))
+  timing = ('train_minutes', 'wall_minutes')
+  assert {k: v for k, v in summary.items() if k not in timing} == {
+      k: v for k, v in straight.items() if k not in timing}
+  names = lambda d: sorted(n for n in os.listdir(d) if not n.startswith('events.out.'))
+  assert names(out) == names(straight_dir) == [
+      'checkpoints', 'rm_config.json', 'rm_summary.json', 'settings.json']
+  assert filecmp.cmp(os.path.join(out, 'rm_config.json'),
+                     os.path.join(straight_dir, 'rm_config.json'), shallow=False)
+  params = lambda d: jax.device_get(rm_model.load_reward_model(d, tokenize=tokenize).params)
+  jax.tree.map(np.testing.assert_array_equal, params(out), params(straight_dir))
+
+  del ran[:]
+  train_rm.train_reward_model(legacy, **kw)
+  assert len(ran) == 6 and checkpoint_steps(legacy) == [6]
+  jax.tree.map(np.testing.assert_array_equal, params(legacy), params(straight_dir))
 
 
 def scored_files(d):

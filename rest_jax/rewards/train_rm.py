@@ -35,14 +35,16 @@ same against sentence BLEU; once on the Grow records (reference + samples) and o
 synthetic negatives added. Calibration: the 1% / 99% quantiles of the raw scores of the dev Grow
 records are mapped to 0 / 1 (`model.calibrate`, clipped), stored in `rm_config.json`.
 
-Outputs in `output_dir`: `checkpoints/` (orbax, `trainer.Checkpointer`), `rm_config.json` (model
-config, calibration, task, oracle, objective), `rm_summary.json` (written last: settings, dev
-metrics, steps, minutes, counts), TensorBoard event files (`rest_jax.summaries`: `train/loss`,
+Outputs in `output_dir`: `settings.json` (the pinned settings, written first), `checkpoints/`
+(orbax, `trainer.Checkpointer`; the final step only once done), `rm_config.json` (model config,
+calibration, task, oracle, objective), `rm_summary.json` (written last: settings, dev metrics,
+steps, minutes, counts), TensorBoard event files (`rest_jax.summaries`: `train/loss`,
 `train/pairwise_accuracy`, `train/learning_rate`, `train/minutes` every 10 steps and at the last;
 the dev metrics against the oracle at the last step: `dev/pairwise_accuracy`, `dev/kendall_tau`,
 `dev/pearson` on the Grow records, `dev/with_negatives/...` with the negatives). A finished
-output dir is returned as is on a rerun with the same settings; training itself is not resumable
-(a killed run starts over, its event files removed).
+output dir is returned as is on a rerun with the same settings. Training is resumable: the
+`TrainState` is saved every `checkpoint_every` steps, and a killed run resumes from its latest
+checkpoint to the params of an uninterrupted run (`fit`, `train_reward_model`).
 """
 
 from __future__ import annotations
@@ -323,9 +325,16 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
         objective: str = 'bradley_terry', num_steps: int = 1000, batch_size: int = 16,
         learning_rate: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 1e-4,
         max_minutes: float | None = None, seed: int = 0, mesh=None, params: Any = None,
-        train_embedding: bool = True, desc: str = 'train_rm',
-        writer=None) -> tuple[Any, dict[str, Any]]:
-  """Trains a fresh `RewardModel` on `pack_by_source` arrays.
+        train_embedding: bool = True, desc: str = 'train_rm', writer=None,
+        checkpointer: trainer_lib.Checkpointer | None = None,
+        checkpoint_every: int | None = None) -> tuple[Any, dict[str, Any]]:
+  """Trains a fresh `RewardModel` on `pack_by_source` arrays, resuming from `checkpointer`.
+
+  Step s trains on the sources `epoch_plan(lengths, bs, seed, s // per_epoch)[s % per_epoch]`
+  with the dropout rng `fold_in(PRNGKey(seed), s)` (`trainer.Trainer`): both are functions of
+  the step, so a run resumed from the checkpoint of step c (the whole `TrainState`: params, the
+  AdamW moments and the schedule's count, the frozen embedding's `multi_transform` state) ends
+  with the params of an uninterrupted run.
 
   Args:
     config: the model. arrays: tokens / segment_ids [S, K, L], targets / mask [S, K].
@@ -335,21 +344,34 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
       is cut to the length bucket (32 / 64 / 128 / 256 tokens, at most `config.max_len`) of its
       longest packed row, so the step compiles once per bucket.
     learning_rate, warmup_steps, weight_decay: AdamW (`trainer.make_optimizer`, clip norm 1).
-    max_minutes: also stop after this much wall-clock training time (compilation included).
+    max_minutes: also stop after this much training time (wall-clock from the first step,
+      compilation included), summed over the restarts of a resumed run: each checkpoint
+      stores the seconds up to it (`train_seconds` in its metrics); the time of steps after the
+      last checkpoint of a killed run is not counted, those steps are trained again.
     seed: init, batch order and dropout seed. mesh: default `partitioning.create_mesh()`.
     params: start from these (unboxed) params instead of a random init (`init_params`).
     train_embedding: False keeps the token embedding fixed (e.g. at its LSI init): the other
       parameters are few, so the model learns rules instead of memorising tokens.
-    writer: a `summaries.metric_writer` for the `train/*` scalars (None: none written).
+    writer: a `summaries.metric_writer` for the `train/*` scalars (None: none written); flushed
+      before every checkpoint.
+    checkpointer: where the run's `TrainState` is saved and resumed from (None: nothing saved,
+      always from step 0). Its latest checkpoint (`Checkpointer.restore_latest`) is restored
+      first; the caller makes sure it is one of this run's settings (`train_reward_model`).
+    checkpoint_every: with `checkpointer`, save every this many steps (0 / None: only at the
+      end); the end (num_steps or the max_minutes stop) is always saved. A save stores the state,
+      `train_seconds` and the last step's `loss` / `pairwise_accuracy` (so a run resumed at its
+      end reports the same final figures).
 
   Returns:
-    (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds, final_loss,
-    final_train_pairwise_accuracy).
+    (the final `trainer.TrainState` (params on the mesh), info: steps, train_seconds (over all
+    restarts), final_loss, final_train_pairwise_accuracy, resumed_from (the step restored, 0 for
+    a fresh start)).
 
   Raises:
-    ValueError: an unknown objective, or fewer sources than one batch.
-    trainer.NonFiniteLossError: a NaN / infinite loss (read every 10 steps) or non-finite final
-      params; nothing is returned, so nothing of it is saved.
+    ValueError: an unknown objective, or fewer sources than one batch; a checkpoint of another
+      model (orbax's shape / structure errors) or none of the checkpoints restores.
+    trainer.NonFiniteLossError: a NaN / infinite loss (read every 10 steps) or non-finite params
+      (checked before every save); the state of that step is not saved.
   """
   mesh = mesh if mesh is not None else partitioning.create_mesh()
   bs = inference.global_batch(batch_size, mesh)
@@ -366,24 +388,41 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
     opt = optax.multi_transform({'train': opt, 'frozen': optax.set_to_zero()}, label)
   t = trainer_lib.Trainer(RewardTrainModel(config, objective), opt, mesh, seed=seed)
   state = t.init_state({'tokens': (bs, 1, 8)}, params=params)
+  m, start_step, seconds_before = {}, 0, 0.0
+  restored = checkpointer.restore_latest(state) if checkpointer is not None else None
+  if restored is not None:
+    state, start_step = restored, int(jax.device_get(restored.step))
+    saved = checkpointer.latest_metrics(start_step)
+    seconds_before = float(saved.get('train_seconds', 0.0))
+    m = {k: saved[k] for k in ('loss', 'pairwise_accuracy') if k in saved}
+    logging.info('%s: resumed from step %d (%.1f min trained)', desc, start_step,
+                 seconds_before / 60)
+  clock = time.perf_counter()
+  elapsed = lambda: seconds_before + time.perf_counter() - clock
   buckets = sorted({b for b in rm_model.LENGTH_BUCKETS if b < config.max_len} | {config.max_len})
   lengths = (arrays['segment_ids'] != 0).sum(-1).max(-1)  # [S] longest packed row per source.
   per_epoch = num_sources // bs
   mine = distributed.host_rows(bs, mesh)
-  start = time.perf_counter()
-  bar = tqdm(total=num_steps, desc=desc, unit='step', dynamic_ncols=True, mininterval=2.0,
-             disable=jax.process_index() != 0)
-  m, step = {}, 0
-  guard = trainer_lib.LossGuard(desc)  # The reward model is saved once, after `fit`.
+  bar = tqdm(total=num_steps, initial=start_step, desc=desc, unit='step', dynamic_ncols=True,
+             mininterval=2.0, disable=jax.process_index() != 0)
+  step = start_step
+  guard = trainer_lib.LossGuard(desc, checkpointer)
 
   def log(m):
     if writer:
       writer.write_scalars(step, summaries.train_scalars(
-          m, summaries.last_learning_rate(schedule, step),
-          minutes=(time.perf_counter() - start) / 60))
+          m, summaries.last_learning_rate(schedule, step), minutes=elapsed() / 60))
+
+  def save(m):
+    guard.check(state)  # Pending losses and the params: only a finite state is saved.
+    if writer:
+      writer.flush()
+    m = jax.device_get(m)
+    checkpointer.save(state, dict(train_seconds=elapsed(), loss=m['loss'],
+                                  pairwise_accuracy=m['pairwise_accuracy']))
 
   while step < num_steps:
-    if max_minutes is not None and time.perf_counter() - start >= max_minutes * 60:
+    if max_minutes is not None and elapsed() >= max_minutes * 60:
       break
     plan = epoch_plan(lengths, bs, seed, step // per_epoch)[step % per_epoch]
     n = data_lib.bucket_length(max(int(lengths[plan].max()), 1), buckets)
@@ -398,14 +437,18 @@ def fit(config: rm_model.RewardModelConfig, arrays: Mapping[str, np.ndarray], *,
       bar.update(step - bar.n)
       bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['pairwise_accuracy']:.3f}")
       log(m)
+    if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0:
+      save(m)
   bar.close()
   guard.check(state)
   m = jax.device_get(m)
-  if m and step % 10 and step != num_steps:  # Stopped by max_minutes between two logs.
+  if step > start_step and step % 10 and step != num_steps:  # Stopped by max_minutes.
     log(m)
-  info = dict(steps=step, train_seconds=time.perf_counter() - start,
-              final_loss=float(m.get('loss', np.nan)),
-              final_train_pairwise_accuracy=float(m.get('pairwise_accuracy', np.nan)))
+  if checkpointer is not None and step > start_step:
+    save(m)  # (A no-op if this step was just saved: `Checkpointer.save` skips a saved step.)
+  info = dict(steps=step, train_seconds=elapsed(), final_loss=float(m.get('loss', np.nan)),
+              final_train_pairwise_accuracy=float(m.get('pairwise_accuracy', np.nan)),
+              resumed_from=start_step)
   return state, info
 
 
@@ -480,10 +523,25 @@ def train_reward_model(output_dir: str,
                        embedding_init: str | None = 'lsi',
                        train_embedding: bool = False,
                        eval_batch_size: int = 64,
+                       checkpoint_every: int | None = 200,
                        tokenize: Callable[[str], Sequence[int]] | None = None,
                        corpus: tuple[np.ndarray, np.ndarray] | None = None,
                        mesh=None) -> dict[str, Any]:
   """Trains a reward model on a Grow's records labelled by a simulated oracle (module docstring).
+
+  Resuming: the settings are pinned in `output_dir/settings.json` (`records.pin_settings`,
+  'record_format' included, which means nothing here) before the first step. A rerun with the
+  same settings resumes from the latest checkpoint, keeps the TensorBoard event files (the steps
+  between that checkpoint and the kill are logged twice) and ends with the params of an
+  uninterrupted run; `train_minutes` in the summary sums the restarts' training time,
+  `wall_minutes` is this invocation's. A rerun with other settings is refused (ValueError) and
+  leaves the directory as it is, as Grow, scoring and a finished reward model refuse one: our
+  choice, since the differing setting is more likely a slip of the configuration than a wish to
+  throw the trained steps away (another output dir, or deleting this one, starts over).
+  Checkpoints without a `settings.json` (a run of the code before settings were pinned) are of
+  unknown settings: deleted, with the event files, and training starts at step 0; so are the
+  event files of any run that has no checkpoint to resume. When done, `checkpoints/` holds the
+  final step only, as the loaders (`trainer.restore_params`, latest step) expect.
 
   Args:
     output_dir: where checkpoints/, rm_config.json and rm_summary.json go (`<workdir>/rm`).
@@ -508,6 +566,10 @@ def train_reward_model(output_dir: str,
     train_embedding: also train the token embedding (False: it stays at its init; with the LSI
       init this generalised better from ~1.3k training sources than fine-tuning it).
     eval_batch_size: rows per forward pass when scoring the dev records.
+    checkpoint_every: save the `TrainState` to `output_dir/checkpoints` every this many steps
+      (0 / None: only at the end), so that a killed run resumes there (`fit`). Not a setting (not
+      pinned, not in the summary): where a run saves does not change its result. Our default, 200
+      steps: a kill loses at most 199 steps (the main job's 1,200 steps save 6 times).
     tokenize: text -> ids without EOS (default: the task's vocabulary; tests pass their own).
     corpus: (sources, targets) [n, length] int ids for the LSI instead of the task's train split.
     mesh: training mesh (default `partitioning.create_mesh()`).
@@ -516,8 +578,8 @@ def train_reward_model(output_dir: str,
     The summary, also `output_dir/rm_summary.json`.
 
   Raises:
-    ValueError: `output_dir` holds a reward model trained with other settings; an unknown oracle
-      or objective; too few training sources for one batch.
+    ValueError: `output_dir` holds a reward model trained (or being trained) with other
+      settings; an unknown oracle or objective; too few training sources for one batch.
     FileNotFoundError: `grow_dir` is no finished Grow.
   """
   metrics_lib.components(oracle)  # Raises on an unknown oracle.
@@ -526,14 +588,14 @@ def train_reward_model(output_dir: str,
   if embedding_init not in ('lsi', None):
     raise ValueError(f"unknown embedding_init {embedding_init!r}: use 'lsi' or None")
   grow_manifest = records_lib.read_manifest(grow_dir, records_lib.GROW)
-  settings = dict(grow_dir=grow_dir, grow_settings_hash=grow_manifest.get(
+  given = dict(grow_dir=grow_dir, grow_settings_hash=grow_manifest.get(
       'settings_hash'), task=task, objective=objective, oracle=oracle, num_steps=num_steps,
                   batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                   weight_decay=weight_decay, max_minutes=max_minutes, dev_fraction=dev_fraction,
                   add_negatives=add_negatives, degraded_samples=degraded_samples,
                   max_samples=max_samples, seed=seed, config=config.to_json(),
                   embedding_init=embedding_init, train_embedding=train_embedding)
-  settings = records_lib.portable_settings(settings, records_lib.workdir_of(output_dir),
+  settings = records_lib.portable_settings(given, records_lib.workdir_of(output_dir),
                                            ('grow_dir',))
   done = _check_settings(output_dir, settings)
   if done is not None:
@@ -541,10 +603,16 @@ def train_reward_model(output_dir: str,
     return done
   start = time.perf_counter()
   os.makedirs(output_dir, exist_ok=True)
-  shutil.rmtree(os.path.join(output_dir, 'checkpoints'), ignore_errors=True)  # A killed run's.
-  for name in os.listdir(output_dir):  # A killed run's curves: this run starts over at step 0.
-    if name.startswith('events.out.tfevents.'):
-      os.remove(os.path.join(output_dir, name))
+  first = not fileio.exists(os.path.join(output_dir, records_lib.SETTINGS_FILE))
+  records_lib.pin_settings(output_dir, given, what='a reward model', path_keys=('grow_dir',),
+                           write=jax.process_index() == 0)  # Raises for other settings.
+  if first:  # Checkpoints of unknown settings (written before they were pinned).
+    shutil.rmtree(os.path.join(output_dir, 'checkpoints'), ignore_errors=True)
+  ckpt = trainer_lib.Checkpointer(output_dir, keep=2)
+  if ckpt.latest.latest_step() is None:  # A killed run's curves: this run starts at step 0.
+    for name in os.listdir(output_dir):
+      if name.startswith('events.out.tfevents.'):
+        os.remove(os.path.join(output_dir, name))
   if tokenize is None:
     tokenize = rm_model.text_tokenizer(task)
 
@@ -585,7 +653,11 @@ def train_reward_model(output_dir: str,
                     warmup_steps=warmup_steps, weight_decay=weight_decay,
                     max_minutes=max_minutes, seed=seed, mesh=mesh,
                     params=init_params(config, seed, embedding), train_embedding=train_embedding,
-                    writer=writer)
+                    writer=writer, checkpointer=ckpt, checkpoint_every=checkpoint_every)
+  ckpt.save(state)  # Saved by `fit` already unless it ran no step (e.g. max_minutes=0).
+  for step in ckpt.latest.all_steps():  # The final state only (the loaders read the latest).
+    if step != info['steps']:
+      ckpt.latest.delete(step)
 
   scorer = rm_model.RewardScorer(config, state.params, None, task=task, mesh=mesh)
   raw = scorer.raw_scores(dev.source_ids, dev.candidate_ids, eval_batch_size)
@@ -615,8 +687,6 @@ def train_reward_model(output_dir: str,
     writer.write_scalars(info['steps'], scalars)
     writer.close()
 
-  ckpt = trainer_lib.Checkpointer(output_dir, keep=1)
-  ckpt.save(state)
   fileio.write_json(os.path.join(output_dir, rm_model.CONFIG_FILE), dict(
       config=config.to_json(), calibration=calibration, task=task, oracle=oracle,
       objective=objective, step=info['steps'], grow_dir=settings['grow_dir']))
