@@ -1,0 +1,161 @@
+"""Online RL (`rest_jax.rl`, the `ppo` / `grpo` losses, `rest_jax.online`): the clipped surrogate,
+GAE, the KL estimators and controller, GRPO's advantages against hand computations; the stored
+rollout log-probs equal the teacher-forced ones (the ratio is exact); a tiny policy learns a toy
+reward online, and a killed run resumes to the uninterrupted run's state."""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rest_jax import grow as grow_lib, input_pipeline, losses, online, partitioning, rl
+from rest_jax.models import EncoderDecoderModel, Transformer, TransformerConfig, unbox
+
+jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+# -- pure functions against hand computations ------------------------------------------------------
+
+def test_clipped_surrogate_by_hand():
+  # Token (0, 0): ratio e^0.5 = 1.649 > 1.2, A = 1 -> clipped: 1.2. Token (0, 1): ratio
+  # e^-0.5 = 0.607, A = 1 -> min(0.607, 0.8) = 0.607 (unclipped side). Token (1, 0): ratio
+  # e^0.1 = 1.105, A = -2 -> min(-2.210, -2.210) = -2.210. Token (1, 1): ratio e^-0.5, A = -1 ->
+  # min(-0.607, -0.8) = -0.8 (clipped). Token (1, 2): weight 0.
+  logp = jnp.array([[0.5, -0.5, 0.0], [0.1, -0.5, 7.0]])
+  old = jnp.zeros((2, 3))
+  adv = jnp.array([[1.0, 1.0, 0.0], [-2.0, -1.0, 5.0]])
+  w = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+  loss, m = rl.ppo_policy_loss(logp, old, adv, w, clip_eps=0.2)
+  want = -(1.2 + math.exp(-0.5) - 2 * math.exp(0.1) - 0.8) / 4
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(m['clip_fraction'], 3 / 4)  # (0,0), (0,1), (1,1) are outside.
+  np.testing.assert_allclose(m['approx_kl'], -(0.5 - 0.5 + 0.1 - 0.5) / 4, rtol=1e-6)
+  # The gradient flows through the unclipped tokens only: d/dlogp of -ratio*A/4 at (0, 1), (1, 0).
+  g = jax.grad(lambda lp: rl.ppo_policy_loss(lp, old, adv, w, 0.2)[0])(logp)
+  np.testing.assert_allclose(g, [[0.0, -math.exp(-0.5) / 4, 0.0],
+                                 [2 * math.exp(0.1) / 4, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_value_loss_by_hand():
+  v = jnp.array([[1.0, 0.0]])
+  old = jnp.array([[0.5, 0.0]])
+  ret = jnp.array([[2.0, 1.0]])
+  w = jnp.ones((1, 2))
+  np.testing.assert_allclose(rl.value_loss(v, old, ret, w), 0.5 * (1.0 + 1.0) / 2)
+  # Clipped at 0.2: token 0's V_clip = 0.7, error max(1, 1.69) = 1.69; token 1 unchanged.
+  np.testing.assert_allclose(rl.value_loss(v, old, ret, w, 0.2), 0.5 * (1.69 + 1.0) / 2,
+                             rtol=1e-6)
+
+
+def test_gae_by_hand():
+  rewards = np.array([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+  values = np.array([[0.5, 0.2, 0.1], [0.3, 0.3, 9.0]])  # 9.0 is past row 1's end: ignored.
+  mask = np.array([[1, 1, 1], [1, 1, 0]])
+  adv, ret = rl.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+  # Row 0: deltas 0 + .9*.2 - .5 = -.32, 0 + .9*.1 - .2 = -.11, 1 - .1 = .9 (V = 0 after the end);
+  # A_2 = .9, A_1 = -.11 + .72 * .9 = .538, A_0 = -.32 + .72 * .538 = .06736.
+  # Row 1: deltas .9*.3 - .3 = -.03, 2 - .3 = 1.7; A_1 = 1.7, A_0 = -.03 + .72 * 1.7 = 1.194.
+  np.testing.assert_allclose(adv, [[0.06736, 0.538, 0.9], [1.194, 1.7, 0.0]], rtol=1e-5)
+  np.testing.assert_allclose(ret, [[0.56736, 0.738, 1.0], [1.494, 2.0, 0.0]], rtol=1e-5)
+  # gamma = lam = 1 with zero values: every advantage is the sum of the rewards still to come.
+  adv, _ = rl.gae(rewards, np.zeros_like(values), mask, 1.0, 1.0)
+  np.testing.assert_allclose(adv, [[1, 1, 1], [2, 2, 0]])
+
+
+def test_kl_estimators_and_penalty_by_hand():
+  logp = jnp.array([[-1.0, -2.0]])
+  ref = jnp.array([[-1.5, -1.0]])
+  np.testing.assert_allclose(rl.kl_estimate(logp, ref, 'k1'), [[0.5, -1.0]])
+  # k3 with d = ref - logp = (-0.5, 1): e^d - d - 1.
+  np.testing.assert_allclose(rl.kl_estimate(logp, ref, 'k3'),
+                             [[math.exp(-0.5) - 0.5, math.e - 2.0]], rtol=1e-6)
+  for est in rl.KL_ESTIMATORS:
+    assert np.all(np.asarray(rl.kl_estimate(logp, logp, est)) == 0.0)
+  with pytest.raises(ValueError, match='unknown KL estimator'):
+    rl.kl_estimate(logp, ref, 'k2')
+  # The per-token reward: -beta * k1 on the sample's tokens, the sequence reward at its last one.
+  r = rl.token_rewards(np.array([1.0, 0.5]), np.array([2, 3]),
+                       np.array([[0.5, -1.0, 0.3], [0.1, 0.2, 0.4]]), beta=0.1)
+  np.testing.assert_allclose(r, [[-0.05, 0.1 + 1.0, 0.0], [-0.01, -0.02, -0.04 + 0.5]],
+                             rtol=1e-6)
+
+
+def test_kl_controller_by_hand():
+  fixed = rl.KLController.create(0.05)
+  assert float(fixed.update(100.0, 64).value) == np.float32(0.05)
+  c = rl.KLController.create(0.1, target=6.0, horizon=100.0)
+  # KL 12 = 2x the target: error clipped to +0.2; beta * (1 + 0.2 * 10 / 100).
+  np.testing.assert_allclose(c.update(12.0, 10).value, 0.1 * 1.02, rtol=1e-6)
+  # KL 4.5: error 4.5 / 6 - 1 = -0.25 -> -0.2; KL 5.4: -0.1.
+  np.testing.assert_allclose(c.update(4.5, 50).value, 0.1 * (1 - 0.2 * 0.5), rtol=1e-6)
+  np.testing.assert_allclose(c.update(5.4, 50).value, 0.1 * (1 - 0.1 * 0.5), rtol=1e-5)
+  with pytest.raises(ValueError):
+    rl.KLController.create(0.1, target=0.0)
+
+
+def test_grpo_advantages_normalised_within_each_group():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.2, 0.4, 0.9, 0.1], [0.7, 0.7, 0.7, 0.7]])
+  eps = 1e-6
+  adv = np.asarray(rl.grpo_advantages(rewards, eps))
+  np.testing.assert_allclose(adv.mean(1), 0.0, atol=1e-6)
+  std = rewards.std(1)  # Population std: the variance of A is std^2 / (std + eps)^2.
+  np.testing.assert_allclose(adv[:2].var(1), (std[:2] / (std[:2] + eps)) ** 2, rtol=1e-5)
+  np.testing.assert_allclose(adv[:2].var(1), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(adv[0], [1, -1, -1, 1], rtol=1e-5)  # mean 0.5, std 0.5.
+  assert np.all(adv[2] == 0.0)  # Equal rewards: no signal.
+
+
+# -- the losses on a tiny policy -------------------------------------------------------------------
+
+V, S, L = 32, 8, 6
+MODEL = EncoderDecoderModel(Transformer(TransformerConfig(
+    vocab_size=V, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
+    num_decoder_layers=1, dropout_rate=0.0, max_len=64)))
+
+
+@jit
+def _random_params(rng):
+  shapes = {'encoder_input_tokens': (1, S), 'decoder_input_tokens': (1, L)}
+  return unbox(MODEL.get_initial_variables(rng, shapes)['params'])
+
+
+def _sources(n, seed=0):
+  rng = np.random.default_rng(seed)
+  enc = np.zeros((n, S), np.int32)
+  for i in range(n):
+    k = int(rng.integers(2, S))
+    enc[i, :k], enc[i, k] = rng.integers(3, V, k), 1
+  return enc
+
+
+def test_rollout_logprobs_are_the_policys_and_the_kl_to_itself_is_zero():
+  """The sampler's stored per-token log-probs (the ratio's denominator) equal the teacher-forced
+  log-probs of the same policy; so the first epoch's ratio is 1 and the PPO / GRPO KL terms to a
+  reference equal to the policy are 0."""
+  params = _random_params(jax.random.PRNGKey(0))
+  enc = _sources(4)
+  samples = grow_lib.sample_candidates(MODEL, params, enc, np.arange(4), seed=0,
+                                       key=jax.random.fold_in(jax.random.PRNGKey(0), 3),
+                                       num_decodes=2, temperature=1.0, max_decode_len=L,
+                                       mesh=partitioning.create_mesh(1), batch_size=4,
+                                       token_logprobs=True)
+  feats = online.rollout_features(enc, samples)
+  mask = feats['decoder_loss_weights']
+  teacher = np.asarray(jit(MODEL.token_logprobs)(params, feats))
+  np.testing.assert_allclose(feats['old_logprobs'] * mask, teacher * mask, atol=2e-5)
+  adv = np.where(mask > 0, np.linspace(-1, 1, mask.size).reshape(mask.shape), 0.0)
+  batch = dict(feats, ref_logprobs=teacher, advantages=adv.astype(np.float32),
+               returns=np.zeros_like(mask), old_values=np.zeros_like(mask),
+               kl_coef=np.full((len(mask),), 0.5, np.float32))
+  batch['old_logprobs'] = teacher
+  aux = losses.init_aux_params('ppo', MODEL, jax.random.PRNGKey(1))
+  for name, p in (('ppo', {'policy': params, 'aux': aux}), ('grpo', {'policy': params, 'aux': {}})):
+    loss, m = jit(functools.partial(losses.get_loss(name), MODEL))(p, batch, None)
+    assert abs(float(m['kl'])) < 1e-6 and abs(float(m['kl_loss'])) < 1e-6, name
+    np.testing.assert_allclose(m['ratio'], 1.0, atol=1e-6)
+    np.testing.assert_allclose(m['policy_loss'], -(adv * mask).sum() / mask.sum(), atol=1e-6)
+  np.testing.assert_allclose(m['loss'], m['policy_loss'], atol=1e-6)  # grpo: no critic.
