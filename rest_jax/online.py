@@ -421,7 +421,8 @@ def online(workdir: str,
     enc = task_data.arrays['encoder_input_tokens'][rows]
     policy = state.train.params
     samples = grow_lib.sample_candidates(
-        model, policy['policy'], enc, rows, seed=seed, key=jax.random.fold_in(state.rng, r),
+        model, policy['policy'], enc, rows, seed=seed,
+        key=np.asarray(jax.device_get(jax.random.fold_in(state.rng, r))),
         num_decodes=num_decodes, temperature=1.0, max_decode_len=max_decode_len,
         decode_length_ratio=decode_length_ratio, mesh=mesh, batch_size=decode_batch_size,
         token_logprobs=True)
