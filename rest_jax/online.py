@@ -39,6 +39,8 @@ Work directory:
                                      policy dir: `rest-jax eval` / Grow read it)
     eval/<stage>/                    the stage's translations or solver outputs
     history.json                     per-rollout training log and the stages so far
+    events.out.tfevents.*            TensorBoard: train/* per rollout (step: updates), dev/*,
+                                     test/* per stage
     report.json, config.gin
 
 A killed run resumes from its latest checkpoint and redoes the rollouts after it, which are a
@@ -65,7 +67,7 @@ from tqdm import tqdm
 
 from rest_jax import data as data_lib
 from rest_jax import fileio, grow as grow_lib, improve as improve_lib, inference, input_pipeline
-from rest_jax import losses, partitioning, report as report_lib, rl
+from rest_jax import losses, partitioning, report as report_lib, rl, summaries
 from rest_jax import trainer as trainer_lib
 from rest_jax.models import encoder_decoder
 
@@ -183,6 +185,7 @@ def _truncate(entries: Sequence[dict], rollouts: int) -> list[dict]:
 def online(workdir: str,
            model=gin.REQUIRED,
            task: str = 'libreoffice_help_de_en',
+           split: str = 'train',
            init_policy: str | None = None,
            algorithm: str = 'ppo',
            reward: str = 'rm',
@@ -227,7 +230,8 @@ def online(workdir: str,
   Args:
     workdir: the run's folder; rerunning resumes from its latest checkpoint.
     model: the policy's `EncoderDecoderModel` (gin: `MODEL`).
-    task: SeqIO task: train sources for the rollouts, validation / test pairs for the stages.
+    task: SeqIO task: `split`'s sources for the rollouts, validation / test pairs for the stages.
+    split: the rollouts' split ('train'; ReST-EM's problem pool 'pool' for `arithmetic_chain`).
     init_policy: the start policy, also the frozen KL reference: a run dir or a params `.npz`
       (`trainer.restore_policy`), e.g. the shipped BC policy.
     algorithm: 'ppo' (value head, GAE) or 'grpo' (group-normalised advantages, no critic).
@@ -297,7 +301,7 @@ def online(workdir: str,
   load = lambda split, k: input_pipeline.cached_task_data(task, split, inputs_length,
                                                           max_decode_len, cache, max_examples=k)
   if task_data is None:
-    task_data = load('train', max_sources if source_every == 1 else None)
+    task_data = load(split, max_sources if source_every == 1 else None)
     if source_every > 1:
       task_data = task_data.take(np.arange(0, len(task_data), source_every))
   if max_sources is not None:
@@ -350,6 +354,7 @@ def online(workdir: str,
   if from_task and jax.process_index() == 0:
     input_pipeline.write_policy_vocab(policy_dir, task)  # `policy/` is a policy dir too.
 
+  writer = summaries.metric_writer(workdir)  # TensorBoard: train/* per rollout, dev|test/*.
   batcher = data_lib.ArrayBatcher({'row': np.arange(len(task_data))}, sources_per_rollout,
                                   seed=seed, length_buckets=(), pool_batches=1)
   src_ids = [data_lib.trim(r) for r in task_data.arrays['encoder_input_tokens']]
@@ -375,6 +380,9 @@ def online(workdir: str,
                  kl_coef=float(jax.device_get(s.kl.value)), eval_decodes=len(dev) + len(test),
                  minutes=(time.perf_counter() - start) / 60)
     stages.append(stage)
+    if writer:
+      writer.write_scalars(stage['updates'], {f'{k.replace("_", "/", 1)}': stage[k] for k in (
+          'dev_reward', 'test_reward', 'test_bleu', 'test_oracle') if stage.get(k) is not None})
     ckpt.save_best(trainer_lib.TrainState(step=s.step, params=policy, opt_state=None),
                    {'dev_reward': stage['dev_reward']})
     tqdm.write(f'[online {name}] dev reward {stage["dev_reward"]:.2f} test reward '
@@ -385,6 +393,8 @@ def online(workdir: str,
   def save(s):
     guard.check(s.train)
     ckpt.save(s)
+    if writer:
+      writer.flush()
     fileio.write_json(history_path, {'rollouts': rollouts_log, 'stages': stages})
     return write_report()
 
@@ -398,7 +408,7 @@ def online(workdir: str,
                updates=int(jax.device_get(state.train.step)),
                rollouts=int(jax.device_get(state.step)),
                eval_decodes=sum(s['eval_decodes'] for s in stages),
-               settings=dict(sources_per_rollout=sources_per_rollout, num_decodes=num_decodes,
+               settings=dict(split=split, sources_per_rollout=sources_per_rollout, num_decodes=num_decodes,
                              ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                              kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon,
                              gamma=gamma, lam=lam, eval_every_samples=eval_every_samples,
@@ -464,6 +474,9 @@ def online(workdir: str,
                              mean_length=float(feats['lengths'].mean()),
                              loss=m['loss'], clip_fraction=m.get('clip_fraction'),
                              value_loss=m.get('value_loss')))
+    if writer:
+      writer.write_scalars(int(jax.device_get(train.step)), summaries.train_scalars(
+          m, reward=rewards.mean(), sequence_kl=mean_kl, kl_coef=beta, samples_drawn=drawn))
     bar.update(drawn - bar.n)
     bar.set_postfix(reward=f'{rewards.mean():.3f}', kl=f'{mean_kl:.3f}', beta=f'{beta:.4f}',
                     updates=int(jax.device_get(train.step)))
@@ -480,4 +493,7 @@ def online(workdir: str,
   bar.close()
   if stages[-1]['rollouts'] != int(jax.device_get(state.step)):
     evaluate(state)
-  return save(state)
+  rep = save(state)
+  if writer:
+    writer.close()
+  return rep
