@@ -79,19 +79,19 @@ class OnlineInterrupted(RuntimeError):
   """Raised by the `_stop_after_rollouts` test hook (a simulated kill)."""
 
 
-# -- pure pieces -----------------------------------------------------------------------------------
+# -- state ----------------------------------------------------------------------------------------
 
 @flax.struct.dataclass
 class OnlineState:
   """What a checkpoint of the online loop holds (`trainer.Checkpointer` saves it whole)."""
   step: jax.Array                  # [] int32, rollouts done (the checkpoint's step)
   train: trainer_lib.TrainState    # params {'policy', 'aux' (value head)}, optimizer, updates
-  kl: rl.KLController                 # the KL coefficient
+  kl: rl.KLController              # the KL coefficient beta
   rng: jax.Array                   # [2] uint32, base key: rollout r samples with fold_in(rng, r)
   samples_drawn: jax.Array         # [] int32, training samples drawn so far
 
 
-# -- rollouts ---------------------------------------------------------------------------------------
+# -- rollouts --------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
 def _score_fn(model, with_value: bool):
@@ -168,7 +168,7 @@ def advantages(algorithm: str, feats: Mapping[str, np.ndarray], rewards: np.ndar
           'seq_kl': seq_kl}
 
 
-# -- the loop ---------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 
 def _optimizer():
   """`make_optimizer` in the gin scope `online`."""
@@ -408,7 +408,8 @@ def online(workdir: str,
                updates=int(jax.device_get(state.train.step)),
                rollouts=int(jax.device_get(state.step)),
                eval_decodes=sum(s['eval_decodes'] for s in stages),
-               settings=dict(split=split, sources_per_rollout=sources_per_rollout, num_decodes=num_decodes,
+               settings=dict(split=split, sources_per_rollout=sources_per_rollout,
+                             num_decodes=num_decodes,
                              ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                              kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon,
                              gamma=gamma, lam=lam, eval_every_samples=eval_every_samples,

@@ -161,7 +161,7 @@ def test_rollout_logprobs_are_the_policys_and_the_kl_to_itself_is_zero():
   np.testing.assert_allclose(m['loss'], m['policy_loss'], atol=1e-6)  # grpo: no critic.
 
 
-# -- the loop on a toy reward ------------------------------------------------------------------------
+# -- the loop on a toy reward ----------------------------------------------------------------------
 
 TOKEN = 7  # The toy reward: 1 if the sample contains this token.
 
@@ -250,3 +250,24 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, optimizer_gin):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
   kl = [e['kl_coef'] for e in online_history(tmp_path / 'killed')]
   assert kl == [e['kl_coef'] for e in online_history(tmp_path / 'whole')] and kl[0] != kl[-1]
+
+
+def test_rollout_advantages_ppo_and_grpo():
+  """`online.advantages` on a hand-made rollout of 2 sources x 2 samples: PPO's k1 penalty and
+  reward at the last token through GAE (zero values, gamma = lam = 1: the reward-to-go); GRPO's
+  group-normalised sequence reward on every token of the sample, the KL left to the loss."""
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], np.float32)
+  feats = {'decoder_loss_weights': mask, 'lengths': np.array([2, 1, 3, 2]),
+           'old_logprobs': np.full((4, 3), -1.0, np.float32),
+           'ref_logprobs': np.full((4, 3), -1.5, np.float32),  # k1 = 0.5 per token.
+           'values': np.zeros((4, 3), np.float32)}
+  rewards = np.array([1.0, 0.0, 0.5, 0.5], np.float32)
+  kw = dict(beta=0.2, gamma=1.0, lam=1.0, whiten_advantages=False, grpo_eps=1e-6)
+  ppo = online.advantages('ppo', feats, rewards, 2, kl_penalty='reward', **kw)
+  np.testing.assert_allclose(ppo['seq_kl'], [1.0, 0.5, 1.5, 1.0])
+  np.testing.assert_allclose(ppo['advantages'][0], [1.0 - 0.2, 1.0 - 0.1, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(ppo['advantages'][2], [0.5 - 0.3, 0.5 - 0.2, 0.5 - 0.1], rtol=1e-6)
+  grpo = online.advantages('grpo', feats, rewards, 2, kl_penalty='loss', **kw)
+  np.testing.assert_allclose(grpo['advantages'][0], [1.0, 1.0, 0.0], rtol=1e-5)
+  np.testing.assert_allclose(grpo['advantages'][1], [-1.0, 0.0, 0.0], rtol=1e-5)
+  assert np.all(grpo['advantages'][2:] == 0.0)  # Source 1's two samples tie.
