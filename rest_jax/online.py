@@ -79,7 +79,7 @@ class OnlineInterrupted(RuntimeError):
   """Raised by the `_stop_after_rollouts` test hook (a simulated kill)."""
 
 
-# -- state ----------------------------------------------------------------------------------------
+# -- state -----------------------------------------------------------------------------------------
 
 @flax.struct.dataclass
 class OnlineState:
