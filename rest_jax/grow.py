@@ -67,7 +67,7 @@ class GrowInterrupted(RuntimeError):
 # -- pure-JAX core ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=16)
-def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len):
+def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len, token_logprobs=False):
   def sample(params, encoder_input_tokens, source_index, base_key):
     rng = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(source_index)  # [B, 2] uint32
     cache = model.init_decode_cache(params, encoder_input_tokens, max_decode_len)
@@ -75,8 +75,11 @@ def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len):
         cache, model.make_tokens_to_logits(params), batch_size=encoder_input_tokens.shape[0],
         max_decode_len=max_decode_len, eos_id=EOS_ID, rng=rng, num_decodes=num_decodes,
         temperature=temperature, topk=topk, topp=topp)
-    return {'tokens': out.tokens, 'logprob_sampling': out.sequence_logprob,
-            'logprob_policy': out.sequence_logprob_policy, 'lengths': out.lengths}
+    out_dict = {'tokens': out.tokens, 'logprob_sampling': out.sequence_logprob,
+                'logprob_policy': out.sequence_logprob_policy, 'lengths': out.lengths}
+    if token_logprobs:
+      out_dict['token_logprobs_policy'] = out.token_logprobs_policy
+    return out_dict
   return jax.jit(sample)
 
 
@@ -100,7 +103,8 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
                       temperature: float, topk: int = 0, topp: float = 0.0,
                       max_decode_len: int = 128, decode_length_ratio: float | None = 2.0,
                       mesh=None, batch_size: int = 32,
-                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                      progress: Callable[[int], None] | None = None, key=None,
+                      token_logprobs: bool = False) -> dict[str, np.ndarray]:
   """Draws `num_decodes` candidates per source from the policy (ReST Grow, sec. 2).
 
   Args:
@@ -123,6 +127,11 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       last batch of each length bucket is padded with zero rows, dropped afterwards). Sources are
       grouped by their own length bucket (16/32/64/128 tokens), one compilation per bucket.
     progress: called with the number of sources after each batch.
+    key: a PRNG key (uint32 [2]) to use instead of `PRNGKey(seed)` (the online loop passes
+      `fold_in(PRNGKey(seed), rollout)`); source b then samples with
+      `fold_in(key, source_indices[b])`.
+    token_logprobs: also return 'token_logprobs_policy' [n, N, L] float32 (nats, per token under
+      the untempered policy, 0 after EOS): the rollout log-probs of `rest_jax.online`.
 
   Returns:
     dict of numpy arrays: 'tokens' [n, N, L] int32 (EOS kept, 0 after), 'logprob_sampling'
@@ -137,18 +146,21 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
             'logprob_sampling': np.zeros((0, N), np.float32),
             'logprob_policy': np.zeros((0, N), np.float32)}
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
-  key = jax.random.PRNGKey(seed)
+  key = jax.random.PRNGKey(seed) if key is None else key
 
   def step(buckets, batch):
     steps = data_lib.decode_length(buckets[0], L, decode_length_ratio)
-    fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps)
+    fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps,
+                    bool(token_logprobs))
     return fn(params, batch['encoder_input_tokens'], batch['source_index'], key)
   out = inference.run_batched(
       step, {'encoder_input_tokens': enc,
              'source_index': np.asarray(source_indices, np.int64).astype(np.int32)},
       trim=('encoder_input_tokens',), buckets=LENGTH_BUCKETS, batch_size=batch_size, mesh=mesh,
       grouping='row', progress=progress)
-  out['tokens'] = np.pad(out['tokens'], ((0, 0), (0, 0), (0, L - out['tokens'].shape[2])))
+  for k in ('tokens', 'token_logprobs_policy'):
+    if k in out:
+      out[k] = np.pad(out[k], ((0, 0), (0, 0), (0, L - out[k].shape[2])))
   return out
 
 

@@ -338,13 +338,8 @@ def improve(model_dir: str,
   if jax.process_index() == 0:
     input_pipeline.write_policy_vocab(model_dir, task)  # This step's policy is a policy too.
   if scorer is None:
-    from rest_jax.rewards import metrics, model as rm_model, verifiers
-    if reward == 'rm':
-      scorer = rm_model.load_reward_model(rm_dir)
-    elif reward in verifiers.VERIFIER_REWARDS:
-      scorer = verifiers.make_scorer(reward, detok)
-    else:
-      scorer = metrics.MetricScorer(reward, detok)
+    from rest_jax.rewards import scoring
+    scorer = scoring.make_reward_scorer(reward, detok, rm_dir)
   arrays, stats = select_training_data(records, tau, threshold_mode, inputs_length,
                                        targets_length, batch_size, origins, selection,
                                        max_per_source, seed)

@@ -1,4 +1,5 @@
-"""Improve-step losses of ReST: BC, GOLD, BVMPO, OAC and the ReST-EM reward-weighted NLL.
+"""Losses of ReST's Improve step (BC, GOLD, BVMPO, OAC, ReST-EM's reward-weighted NLL) and of
+the online-RL baselines (PPO, GRPO; `rest_jax.online`).
 
 ReST (Gulcehre et al. 2023, arXiv 2308.08998) fine-tunes the policy on the filtered Grow data
 with an offline-RL loss and compares four of them (BC, GOLD, BVMPO, OAC; BC gave the highest
@@ -30,6 +31,9 @@ the dropout key (None: no dropout, e.g. eval). Metrics are scalars and always co
   'nll'        token-mean NLL of the policy over all tokens with w > 0, weighted by w (nats);
   'num_tokens' the normaliser N of the loss.
 
+The online losses `ppo` and `grpo` read rollout fields instead of `reward` (see `ppo`):
+old_logprobs / advantages / returns / old_values / ref_logprobs [B, T] f32 and kl_coef [B] f32.
+
 `trainer.Trainer` combines microbatches as sum_m(loss_m * N_m) / sum_m N_m. Every loss except
 `bvmpo` is written as sum_{b,t} c_bt / sum_{b,t} n_bt with N = sum n_bt, so that combination is
 exactly the full-batch loss (and, as N does not depend on the params, the full-batch gradient).
@@ -50,6 +54,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from rest_jax import rl
 from rest_jax.models.encoder_decoder import cross_entropy_with_logits
 from rest_jax.models.transformer import PAD_ID
 
@@ -108,11 +113,14 @@ def init_aux_params(name: str, model, rng: Array) -> PyTree:
   """Initial loss-owned trainable params `params['aux']` of loss `name`.
 
   'oac': the value head {'kernel': [emb_dim, 1] f32, 'bias': [1] f32}, both zeros (our choice:
-  V = 0 at the start, so the first advantages are the rewards; `rng` is unused). Others: {}.
+  V = 0 at the start, so the first advantages are the rewards; `rng` is unused). 'ppo': the
+  per-token `ValueHead` params (its output layer zeros: V = 0 at the start). Others: {}.
   Plain (unboxed) arrays: replicated when sharded.
   """
-  del rng
   get_loss(name)
+  if name == 'ppo':
+    emb = model.config.emb_dim
+    return rl.ValueHead(emb).init(rng, jnp.zeros((1, 1, emb), jnp.float32))['params']
   if name == 'oac':
     emb = model.config.emb_dim
     return {'kernel': jnp.zeros((emb, 1), jnp.float32), 'bias': jnp.zeros((1,), jnp.float32)}
@@ -189,15 +197,8 @@ def _weights(batch: Batch) -> Array:
   return jnp.asarray(w).astype(jnp.float32)
 
 
-def _safe_div(num: Array, den: Array) -> Array:
-  """num / den, and 0 where den == 0 (no NaN in the value or the gradient)."""
-  ok = den != 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-
-def _wsum(weights: Array, values: Array, axis=None) -> Array:
-  """sum(weights * values) where weights != 0 (a non-finite value at w = 0 contributes 0)."""
-  return jnp.sum(jnp.where(weights != 0, weights * values, 0.0), axis=axis)
+_safe_div = rl.safe_div
+_wsum = rl.weighted_sum
 
 
 def _log_probs(model, policy_params: PyTree, batch: Batch, rng: Optional[Array]
@@ -572,3 +573,85 @@ def reward_weighted_nll(model, params, batch, rng):
   metrics = _base_metrics(loss, w, token_logp, norm)
   metrics['mean_reward'] = _safe_div(norm, jnp.sum(w))
   return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Online RL: PPO and GRPO (`rest_jax.online` collects the rollouts these losses train on).
+# ------------------------------------------------------------------------------------------------
+
+def _clipped_pg(model, params, batch, *, clip_eps, kl_estimator, with_value, value_clip_eps,
+                value_coef):
+  """The shared body of `ppo` and `grpo`: (loss, metrics)."""
+  w = _weights(batch)
+  out = model.compute_logits(params['policy'], batch, None, return_hidden=with_value)
+  logits, hidden = out if with_value else (out, None)
+  token_logp = _target_logprobs(logits.astype(jnp.float32), batch['decoder_target_tokens'])
+  policy_loss, metrics = rl.ppo_policy_loss(token_logp, batch['old_logprobs'], batch['advantages'],
+                                         w, clip_eps)
+  total = jnp.sum(w)
+  kl_tok = rl.kl_estimate(token_logp, jax.lax.stop_gradient(batch['ref_logprobs']), kl_estimator)
+  kl_coef = _row_float(batch, 'kl_coef')[:, None]
+  kl_loss = _safe_div(_wsum(w, kl_coef * kl_tok), total)
+  loss = policy_loss + kl_loss
+  metrics.update(policy_loss=policy_loss, kl_loss=kl_loss, kl=_safe_div(_wsum(w, kl_tok), total),
+                 mean_advantage=_safe_div(_wsum(w, batch['advantages']), total))
+  if with_value:
+    values = rl.value_head(params['aux'], hidden)
+    v_loss = rl.value_loss(values, batch['old_values'], batch['returns'], w, value_clip_eps)
+    loss = loss + value_coef * v_loss
+    metrics.update(value_loss=v_loss, mean_value=_safe_div(_wsum(w, values), total))
+  metrics.update(_base_metrics(loss, w, token_logp, total))
+  return loss, metrics
+
+
+@register('ppo')
+@gin.configurable('ppo', denylist=list(_CALL_ARGS))
+def ppo(model, params, batch, rng, *, clip_eps: float = 0.2, value_coef: float = 0.5,
+        value_clip_eps: Optional[float] = 0.2, kl_estimator: str = 'k3'):
+  """PPO for a sequence policy (Schulman et al. 2017; as for RLHF: Ziegler et al. 2019, Ouyang
+  et al. 2022): clipped surrogate + per-token value loss [+ a KL term to the reference].
+
+    loss = rl.ppo_policy_loss(log pi, old_logprobs, advantages, w, clip_eps)
+           + value_coef * rl.value_loss(V, old_values, returns, w, value_clip_eps)
+           + sum_{b,t} w_bt kl_coef_b rl.kl_estimate(log pi, ref_logprobs)_bt / sum w,   N = sum w.
+
+  Batch (rollout fields, `online.rollout_features`): old_logprobs [B, T] (the rollout policy's
+  untempered per-token log-probs, stored by the sampler: the ratio is exact), advantages and
+  returns [B, T] (GAE, `rl.gae`), old_values [B, T] (the rollout's V), ref_logprobs [B, T]
+  (the frozen BC policy's), kl_coef [B] (0 when, as in Ziegler et al., the KL is a reward penalty
+  folded into the advantages instead: `online.online(kl_penalty='reward')`).
+
+  Our choices: no dropout (`rng` is unused) so that the first epoch's ratio is exactly 1; the
+  value head reads the stop-gradient hidden states (`ValueHead`); token-weighted means over the
+  minibatch (microbatches combine exactly); kl_estimator 'k3' for the optional loss term.
+
+  Returns:
+    (loss [] f32, metrics: loss, nll, num_tokens, policy_loss, value_loss, mean_value, kl_loss,
+    kl (token mean of the estimate, nats), clip_fraction, ratio, approx_kl, mean_advantage).
+  """
+  del rng
+  return _clipped_pg(model, params, batch, clip_eps=clip_eps, kl_estimator=kl_estimator,
+                     with_value=True, value_clip_eps=value_clip_eps, value_coef=value_coef)
+
+
+@register('grpo')
+@gin.configurable('grpo', denylist=list(_CALL_ARGS))
+def grpo(model, params, batch, rng, *, clip_eps: float = 0.2, kl_estimator: str = 'k3'):
+  """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1, eq. 3): PPO's clipped surrogate without a
+  critic; every token of sample i carries its group-normalised advantage
+  (`rl.grpo_advantages`) and the KL to the reference is a loss term with the k3 estimator
+  (eq. 4):
+
+    loss = rl.ppo_policy_loss(log pi, old_logprobs, advantages, w, clip_eps)
+           + sum_{b,t} w_bt kl_coef_b k3_bt / sum w,     N = sum w.
+
+  Our choice: one token-weighted mean over the minibatch, where eq. 3 averages each sample's
+  tokens first (1 / |o_i|) and then the samples: long samples weigh more here (as in DAPO's
+  token-level loss) and microbatches combine exactly. No dropout (`rng` unused).
+
+  Returns:
+    (loss [] f32, metrics: as `ppo` without the value terms).
+  """
+  del rng
+  return _clipped_pg(model, params, batch, clip_eps=clip_eps, kl_estimator=kl_estimator,
+                     with_value=False, value_clip_eps=None, value_coef=0.0)

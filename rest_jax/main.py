@@ -7,6 +7,7 @@
         --gin.improve.init_policy_dir=... --gin.improve.rm_dir=... [--model_dir=DIR]
     rest-jax rest  --gin_file=gin_configs/runs/rest_libreoffice_de_en_cpu.gin [--workdir=DIR]
     rest-jax rest-em --gin_file=gin_configs/runs/rest_em_arithmetic_cpu.gin [--workdir=DIR]
+    rest-jax online --gin_file=gin_configs/runs/ppo_libreoffice_de_en_cpu.gin [--workdir=DIR]
     rest-jax translate --gin_file=gin_configs/models/tiny.gin \
         --policy=checkpoints/bc_tiny_libreoffice_de_en/params.npz [--input=F] [--output=F] \
         [--method=greedy|beam|sample] [--num_decodes=N --rm_dir=DIR] [--jsonl]
@@ -50,7 +51,7 @@ def register_gin_configurables() -> None:
   from rest_jax import train  # noqa: F401  (train, evaluate, make_optimizer, create_mesh)
   from rest_jax import grow  # noqa: F401  (grow)
   from rest_jax.rewards import check, model, scoring, train_rm  # noqa: F401  (reward side)
-  from rest_jax import filtering, improve, losses, rest, rest_em  # noqa: F401  (the loops)
+  from rest_jax import filtering, improve, losses, online, rest, rest_em  # noqa: F401  (loops)
   from rest_jax import translate  # noqa: F401  (translate_lines)
   from rest_jax.models import encoder_decoder, transformer
   gin.external_configurable(transformer.TransformerConfig, 'TransformerConfig', module='models')
@@ -120,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   bindings, argv = _split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='rest-jax', description=__doc__.splitlines()[0])
   parser.add_argument('command', choices=['train', 'eval', 'grow', 'improve', 'rest', 'rest-em',
-                                          'compare_losses', 'train_rm', 'score', 'rm-check',
-                                          'translate'])
+                                          'online', 'compare_losses', 'train_rm', 'score',
+                                          'rm-check', 'translate'])
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--gin_search_path', action='append', default=[])
   parser.add_argument('--workdir', default='workdir')
@@ -221,6 +222,9 @@ def _run(args: argparse.Namespace) -> None:
   elif args.command == 'rest-em':
     from rest_jax import rest_em as rest_em_lib
     rest_em_lib.rest_em(args.workdir)
+  elif args.command == 'online':
+    from rest_jax import online as online_lib
+    online_lib.online(args.workdir)
   elif args.command == 'translate':
     from rest_jax import translate as translate_lib
     kw = {k: v for k, v in dict(policy=args.policy, method=args.method,

@@ -194,11 +194,11 @@ def rank_agreement(reward: np.ndarray, oracle: np.ndarray) -> float:
 
 
 @gin.configurable(denylist=['model', 'policy_dir', 'scorer', 'dev', 'test', 'detokenize',
-                            'out_dir'])
-def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
+                            'out_dir', 'params'])
+def evaluate_policy(model, policy_dir: str | None, scorer, dev, test, detokenize,
                     max_decode_len: int = 128, batch_size: int = 64,
                     oracle: str = 'chrf+ter',
-                    out_dir: str | None = None) -> dict[str, Any]:
+                    out_dir: str | None = None, params=None) -> dict[str, Any]:
   """Greedy translations of dev and test: mean RM reward (0-100), sacreBLEU (+ signature), chrF,
   BLEU's brevity penalty and length ratio (`evaluation.corpus_metrics`), and `<split>_oracle`:
   the mean sentence reward (0-100) of the metric `oracle` against the references
@@ -209,9 +209,11 @@ def evaluate_policy(model, policy_dir: str, scorer, dev, test, detokenize,
   `dev` may be None (an Improve step already measured its best policy on the same dev pairs).
   With `out_dir`, each split's translations are written to `out_dir/<split>_translations.jsonl`
   (`TRANSLATION_FIELDS`, one line per pair, in split order) for inspection and diffing between
-  stages.
+  stages. `params`: evaluate these (unboxed) policy params instead of restoring `policy_dir`
+  (the online loop evaluates its policy in memory).
   """
-  params = _policy_params(model, policy_dir, partitioning.create_mesh())
+  if params is None:
+    params = _policy_params(model, policy_dir, partitioning.create_mesh())
   out = {}
   for split, data in (('dev', dev), ('test', test)):
     if data is None:

@@ -76,13 +76,14 @@ def _bucket_accuracy(keys: Sequence[str], correct: np.ndarray) -> dict[str, floa
           for b in sorted({b for b in buckets if b is not None})}
 
 
-@gin.configurable(denylist=['model', 'policy_dir', 'data', 'scorer', 'out_dir'])
-def evaluate_solver(model, policy_dir: str, data: Mapping[str, input_pipeline.TaskData],
+@gin.configurable(denylist=['model', 'policy_dir', 'data', 'scorer', 'out_dir', 'params'])
+def evaluate_solver(model, policy_dir: str | None, data: Mapping[str, input_pipeline.TaskData],
                     scorer: verifiers.VerifierScorer, *, sampled_split: str | None = 'test',
                     num_samples: int = 16, ks: Sequence[int] = (1, 4, 16),
                     temperature: float = 0.7, topk: int = 40, seed: int = 0,
                     max_decode_len: int = 128, decode_length_ratio: float | None = None,
-                    batch_size: int = 64, out_dir: str | None = None) -> dict[str, Any]:
+                    batch_size: int = 64, out_dir: str | None = None,
+                    params=None) -> dict[str, Any]:
   """A policy's accuracy on problem-solving splits (ReST-EM sec. 4's measures).
 
   Args:
@@ -96,6 +97,7 @@ def evaluate_solver(model, policy_dir: str, data: Mapping[str, input_pipeline.Ta
     max_decode_len, decode_length_ratio: decoding bound (`data.decode_length`).
     out_dir: where `<split>_outputs.jsonl` go (key, problem, reference, greedy output, reward,
       reason), one line per problem.
+    params: evaluate these (unboxed) policy params instead of restoring `policy_dir`.
 
   Returns:
     For every split s: `{s}_pass1` (greedy, percent), `{s}_buckets` (bucket -> greedy accuracy,
@@ -110,7 +112,8 @@ def evaluate_solver(model, policy_dir: str, data: Mapping[str, input_pipeline.Ta
   if sampled_split and max(ks) > num_samples:
     raise ValueError(f'pass@k needs n >= k: k = {max(ks)} > num_samples = {num_samples}')
   mesh = partitioning.create_mesh()
-  params = rest_lib._policy_params(model, policy_dir, mesh)
+  if params is None:
+    params = rest_lib._policy_params(model, policy_dir, mesh)
   out: dict[str, Any] = {}
   for split, d in data.items():
     ids = evaluation.predict_ids(model, params, d.arrays['encoder_input_tokens'],

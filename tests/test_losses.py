@@ -112,11 +112,13 @@ R = arr(BATCH, 'reward')
 # -- registry, factory, gin -----------------------------------------------------------------------
 
 def test_registry_and_factory():
-  assert set(losses.LOSSES) == {'bc', 'gold', 'bvmpo', 'oac', 'reward_weighted_nll'}
-  with pytest.raises(KeyError, match='known losses: bc, bvmpo, gold, oac, reward_weighted_nll'):
-    losses.get_loss('ppo')
+  assert set(losses.LOSSES) == {'bc', 'gold', 'bvmpo', 'oac', 'reward_weighted_nll', 'ppo',
+                                'grpo'}
+  with pytest.raises(KeyError, match='known losses: bc, bvmpo, gold, grpo, oac, ppo, '
+                                     'reward_weighted_nll'):
+    losses.get_loss('trpo')
   with pytest.raises(ValueError):  # improve.py documents a ValueError for an unknown loss.
-    losses.make_loss_fn(MODEL, 'ppo')
+    losses.make_loss_fn(MODEL, 'trpo')
   with pytest.raises(TypeError, match='eps_eta'):
     losses.make_loss_fn(MODEL, 'bc', eps_eta=0.1)
   assert [losses.needs_prior(n) for n in ('bc', 'gold', 'bvmpo', 'oac', 'reward_weighted_nll')] \

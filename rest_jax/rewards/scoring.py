@@ -123,6 +123,26 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
   return out
 
 
+def make_reward_scorer(reward: str, detokenize, rm_dir: str | None = None, mesh=None):
+  """The scorer (`score_ids(source_ids, candidate_ids, batch_size, references) -> [n] float32 in
+  [0, 1]`) of a reward name: 'rm' (the learned reward model in `rm_dir`,
+  `model.load_reward_model`), a verifier reward (`verifiers.VERIFIER_REWARDS`) or a metric
+  against the references (`metrics.MetricScorer`, e.g. 'chrf+ter').
+
+  Raises:
+    ValueError: 'rm' without `rm_dir`; an unknown metric.
+    FileNotFoundError: `rm_dir` holds no finished reward model.
+  """
+  if reward == 'rm':
+    if not rm_dir:
+      raise ValueError("reward 'rm' needs the reward model's directory (rm_dir)")
+    from rest_jax.rewards import model as rm_model
+    return rm_model.load_reward_model(rm_dir, mesh=mesh)
+  if reward in verifiers.VERIFIER_REWARDS:
+    return verifiers.make_scorer(reward, detokenize)
+  return metrics_lib.MetricScorer(reward, detokenize)
+
+
 @gin.configurable(denylist=['output_dir', 'scorer', '_stop_after_chunks'])
 def score(output_dir: str,
           grow_dir: str = gin.REQUIRED,
