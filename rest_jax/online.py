@@ -277,6 +277,7 @@ def online(workdir: str,
     ValueError: an unknown algorithm / kl_penalty / evaluator, GRPO with num_decodes < 2, a
       minibatch size that does not divide the rollout batch, no start policy.
     trainer.NonFiniteLossError: a NaN / infinite loss or parameter (the state is not saved).
+    NotImplementedError: a multi-host job (`rest_jax.distributed`): online RL runs on one host.
   """
   from rest_jax import rest as rest_lib, rest_em as rest_em_lib
   from rest_jax.rewards import scoring, verifiers
@@ -314,6 +315,9 @@ def online(workdir: str,
     detokenize = input_pipeline.detokenizer(task)
     if init_policy:
       input_pipeline.check_policy_vocab(init_policy, task)
+  if jax.process_count() > 1:  # Rollouts decode on the global mesh and fetch every row.
+    raise NotImplementedError('online RL runs on one host for now (its rollouts are not split '
+                              'over hosts); run it without --distributed')
   mesh = partitioning.create_mesh()
   if scorer is None:
     scorer = scoring.make_reward_scorer(reward, detokenize, rm_dir)
