@@ -30,6 +30,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REST = 'results/rest_main_cpu/report.json'
 REST_EM = 'results/rest_em_main_cpu/report.json'
+ONLINE = 'results/compare_online_rm_small/report.json'
 CONTROL_NAMES = {'sft_same_data': '(a) gold solutions of the same problems',
                  'unfiltered': '(b) every E-step sample, unverified',
                  'more_sft': '(c) more SFT on the gold set'}
@@ -121,6 +122,14 @@ def headline() -> str:
        f"control (a) same problems' gold solutions: {_f(a.get('test_pass1'))}; "
        f"maj@16 {_f(base['test_maj_at_k'].get('16'))} -> {_f(top['test_maj_at_k'].get('16'))}"],
   ]
+  if os.path.exists(os.path.join(ROOT, ONLINE)):
+    o = {row['method'].split(' @ ')[0].split(' (')[0]: row for row in _load(ONLINE)['rows']}
+    at = lambda m: (f"{_f(o[m]['test_reward'])} / {_f(o[m]['test_oracle'])} / "
+                    f"{_f(o[m]['test_bleu'])}")
+    rows.append(['ReST vs online RL, `libreoffice_help_de_en`, 8k samples, `rm_small` '
+                 '(`python scripts/compare_online.py`)', 'test reward / oracle / BLEU',
+                 f"BC {at('BC')}", f"ReST G = 2 {at('ReST G = 2')}",
+                 f"PPO {at('PPO')}; GRPO {at('GRPO')}"])
   return _table(['main job', 'measure', 'start', 'best on dev', 'beside it'], rows, right_from=9)
 
 
@@ -163,11 +172,31 @@ def fault_soak() -> str:
           f'{r["date"]}.')
 
 
+def online_comparison() -> str:
+  """ReST vs PPO / GRPO at equal training samples (`scripts/compare_online.py`)."""
+  if not os.path.exists(os.path.join(ROOT, ONLINE)):
+    return f'(No comparison committed: `{ONLINE}` is written by `scripts/compare_online.py`.)'
+  return online_table(_load(ONLINE))
+
+
+def online_table(r: dict) -> str:
+  """The table of a `scripts/compare_online.py` report (its report.md uses it too)."""
+  alarmed = {(m, s) for m, stages in r['alarms'].items() for s in stages}
+  rows = [[row['method'], f"{row['samples']:,}", _f(row.get('test_reward')),
+           _f(row.get('test_oracle')), _f(row.get('test_bleu')), _f(row.get('test_chrf')),
+           _f(row.get('wall_minutes'), '.1f'),
+           'yes' if (row['method'].split(' ')[0], row.get('name')) in alarmed else '']
+          for row in r['rows']]
+  return _table(['method', 'training samples', 'test reward', 'test oracle', 'test BLEU',
+                 'test chrF', 'wall minutes', 'alarm'], rows, right_from=1)
+
+
 BLOCKS = {'README.md': {'headline': headline},
           'docs/reliability.md': {'fault_soak': fault_soak},
           'docs/results.md': {'rest_em_iterations': rest_em_iterations,
                               'rest_em_buckets': rest_em_buckets, 'rest_stages': rest_stages,
-                              'throughput': throughput}}
+                              'throughput': throughput,
+                              'online_comparison': online_comparison}}
 
 
 def render(text: str, blocks: dict) -> str:
