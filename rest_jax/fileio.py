@@ -114,10 +114,17 @@ def atomic_replace(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+def temp_path(path: str, suffix: str = '') -> str:
+  """The temporary name an atomic write of `path` writes first: `<path>.tmp.<pid><suffix>`, one
+  per process (hosts or workers writing the same file at once, e.g. a shared cache, do not write
+  into or rename each other's temporary file). `suffix`: for writers that need an extension."""
+  return f'{path}.tmp.{os.getpid()}{suffix}'
+
+
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically (parent dirs created)."""
   makedirs(os.path.dirname(path) or '.')
-  tmp = f'{path}.tmp.{os.getpid()}'
+  tmp = temp_path(path)
   try:
     with open_file(tmp, 'wb') as f:
       f.write(text.encode('utf-8'))
@@ -218,7 +225,7 @@ def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
   """
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
   makedirs(os.path.dirname(path) or '.')
-  tmp = path + '.tmp.npz'
+  tmp = temp_path(path, '.npz')
   try:
     with open_file(tmp, 'wb') as f:
       np.savez_compressed(f, **{k: np.asarray(v).astype(dtype) for k, v in flat.items()})

@@ -240,7 +240,7 @@ def cached_task_data(task_name: str, split: str, inputs_length: int, targets_len
                     int(z['num_truncated']))
   data = load_task_data(task_name, split, inputs_length, targets_length, max_examples)
   os.makedirs(cache_dir, exist_ok=True)
-  tmp = path + '.tmp.npz'
+  tmp = fileio.temp_path(path, '.npz')  # Hosts may fill the same cache at once.
   try:
     np.savez_compressed(tmp, inputs=np.array(data.inputs), targets=np.array(data.targets),
                         keys=np.array(data.keys), num_truncated=data.num_truncated,

@@ -265,7 +265,7 @@ def _save(fig, out_dir, name):
   legends outside the axes included), and closes it."""
   path = os.path.join(out_dir, name)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
+  tmp = fileio.temp_path(path, '.png')
   try:
     with fileio.open_file(tmp, 'wb') as f:
       fig.savefig(f, format='png', dpi=100, bbox_inches='tight', pad_inches=0.1)
