@@ -24,10 +24,14 @@ Also: `repo_path` (shipped files such as `checkpoints/...` resolved against the 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 from typing import Any, IO
 
 import flax.traverse_util
@@ -46,6 +50,36 @@ def is_url(path: str) -> bool:
 def as_path(path: str | os.PathLike) -> epath.Path:
   """`path` as an `epath.Path` (local paths made absolute)."""
   return epath.Path(path if is_url(str(path)) else os.path.abspath(path))
+
+
+def abspath(path: str) -> str:
+  """`path` made absolute (`os.path.abspath`); a URL as given (`os.path.abspath('gs://b/x')`
+  would turn it into a local path)."""
+  return str(path).rstrip('/') if is_url(path) else os.path.abspath(path)
+
+
+def parent(path: str) -> str:
+  """The folder holding `path` (absolute for a local path; for a URL the part before the last
+  '/')."""
+  return abspath(path).rsplit('/', 1)[0] if is_url(path) else os.path.dirname(abspath(path))
+
+
+def local_cache_dir(workdir: str) -> str:
+  """The local folder for a work directory's caches (tokenized tasks, the XLA cache): caches stay
+  on local disk even when the work directory is a URL.
+
+  A local work directory: `<workdir>/cache`. A URL: `$REST_JAX_CACHE_DIR/<scheme>/<rest of the
+  URL>-<8 hex of its sha256>` (default `$REST_JAX_CACHE_DIR`: `~/.cache/rest_jax`), the same
+  folder for every run of that URL on this machine, so a resumed run reuses it.
+  """
+  if not is_url(workdir):
+    return os.path.join(os.path.abspath(workdir), 'cache')
+  url = abspath(workdir)
+  scheme, rest = url.split('://', 1)
+  root = os.environ.get('REST_JAX_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                               'rest_jax')
+  tag = hashlib.sha256(url.encode()).hexdigest()[:8]
+  return os.path.join(root, scheme, re.sub(r'[^A-Za-z0-9._-]+', '_', rest)[-80:] + '-' + tag)
 
 
 def exists(path: str) -> bool:
@@ -67,6 +101,19 @@ def remove(path: str) -> None:
     p.unlink()
 
 
+def listdir(path: str) -> list[str]:
+  """Sorted names of the entries of the folder `path` ([] if it does not exist)."""
+  p = as_path(path)
+  return sorted(c.name for c in p.iterdir()) if p.exists() else []
+
+
+def rmtree(path: str) -> None:
+  """Removes the folder `path` and everything in it, if it exists."""
+  p = as_path(path)
+  if p.exists():
+    p.rmtree()
+
+
 def glob(directory: str, pattern: str) -> list[str]:
   """Sorted paths (as `str`) of the entries of `directory` matching the glob `pattern`."""
   d = as_path(directory)
@@ -78,6 +125,77 @@ def glob(directory: str, pattern: str) -> list[str]:
 def open_file(path: str, mode: str = 'r') -> IO:
   """`open` for paths and URLs (`epath.Path.open`)."""
   return as_path(path).open(mode)
+
+
+def _copy_stream(src: IO, dst: IO) -> None:
+  shutil.copyfileobj(src, dst, length=1 << 20)
+
+
+@contextlib.contextmanager
+def local_copy(path: str):
+  """A local file with the content of `path`, for readers that need a local file name
+  (TensorFlow's TFRecord reader, which knows only the `gs://` of the URL schemes): `path` itself
+  when local; for a URL a temporary download, removed afterwards.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  if not is_url(path):
+    yield path
+    return
+  fd, local = tempfile.mkstemp(prefix='rest_jax_', suffix='.' + os.path.basename(path))
+  try:
+    with os.fdopen(fd, 'wb') as out, open_file(path, 'rb') as src:
+      _copy_stream(src, out)
+    yield local
+  finally:
+    os.remove(local)
+
+
+@contextlib.contextmanager
+def staged_write(path: str, tmp: str | None = None):
+  """Atomic write of `path` by a writer that needs a local file name (TensorFlow's TFRecord
+  writer, matplotlib): yields a local temporary name to write; when the block ends without an
+  error the file is renamed (local) or uploaded (URL: to `temp_path(path)`, then replaced) over
+  `path`. On an error the temporary file is removed and the error re-raised.
+
+  tmp: the local temporary name (default `temp_path(path)`); for URLs a local temp file is used.
+  """
+  if not is_url(path):
+    tmp = tmp or temp_path(path)
+    _discard(tmp)  # A partial file of a killed run.
+    try:
+      yield tmp
+    except BaseException:
+      _discard(tmp)
+      raise
+    atomic_replace(tmp, path)
+    return
+  fd, local = tempfile.mkstemp(prefix='rest_jax_', suffix='.' + os.path.basename(path))
+  os.close(fd)
+  remote_tmp = temp_path(path)
+  try:
+    yield local
+    with open(local, 'rb') as src, open_file(remote_tmp, 'wb') as out:
+      _copy_stream(src, out)
+  except BaseException:
+    _discard(remote_tmp)
+    raise
+  finally:
+    os.remove(local)
+  atomic_replace(remote_tmp, path)
+
+
+def upload_tree(local_dir: str, url: str) -> None:
+  """Copies every file under the local folder `local_dir` to the same relative name under `url`
+  (overwriting): for libraries that write into a local folder (TensorBoard event files)."""
+  for root, _, files in os.walk(local_dir):
+    for name in files:
+      src = os.path.join(root, name)
+      dst = url.rstrip('/') + '/' + os.path.relpath(src, local_dir).replace(os.sep, '/')
+      makedirs(dst.rsplit('/', 1)[0])
+      with open(src, 'rb') as f, open_file(dst, 'wb') as out:
+        _copy_stream(f, out)
 
 
 _writes: dict[str, int] = {}  # Fault injection: writes matching the kill pattern so far.
@@ -123,7 +241,7 @@ def temp_path(path: str, suffix: str = '') -> str:
 
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically (parent dirs created)."""
-  makedirs(os.path.dirname(path) or '.')
+  makedirs(parent(path))
   tmp = temp_path(path)
   try:
     with open_file(tmp, 'wb') as f:
@@ -224,7 +342,7 @@ def save_params_npz(path: str, params: Any, dtype=np.float16) -> None:
   weights are far inside its range). Written atomically.
   """
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
-  makedirs(os.path.dirname(path) or '.')
+  makedirs(parent(path))
   tmp = temp_path(path, '.npz')
   try:
     with open_file(tmp, 'wb') as f:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -317,7 +316,7 @@ def grow(output_dir: str,
   start = time.perf_counter()
   fileio.makedirs(output_dir)
   if task_data is None:
-    cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
+    cache = fileio.local_cache_dir(fileio.parent(output_dir))
     task_data = input_pipeline.cached_task_data(
         task, split, inputs_length, targets_length, cache,
         max_examples=max_sources if source_every == 1 else None)

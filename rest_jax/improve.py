@@ -21,7 +21,6 @@ rate, KL weight, minutes) every 10 steps and at the evaluations, `dev/reward`, `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -211,20 +210,19 @@ def resolve_prior_policy_dir(init_policy_dir: str, prior_policy_dir: str | None 
       directory) or the chain loops: set `improve.prior_policy_dir`.
   """
   if prior_policy_dir:
-    return os.path.abspath(prior_policy_dir)
-  d, seen = os.path.abspath(init_policy_dir), set()
-  while os.path.exists(os.path.join(d, 'improve_summary.json')):
+    return fileio.abspath(prior_policy_dir)
+  d, seen = fileio.abspath(init_policy_dir), set()
+  while fileio.exists(os.path.join(d, 'improve_summary.json')):
     seen.add(d)
-    with open(os.path.join(d, 'improve_summary.json')) as f:
-      s = json.load(f)
+    s = fileio.read_json(os.path.join(d, 'improve_summary.json'))
     recorded = fileio.relocate(s.get('prior_policy_dir'), s.get('model_dir'), d)
     nxt = recorded or fileio.relocate(s.get('init_policy_dir'), s.get('model_dir'), d)
-    if not nxt or not os.path.isdir(nxt) or os.path.abspath(nxt) in seen:
+    if not nxt or not fileio.isdir(nxt) or fileio.abspath(nxt) in seen:
       raise ValueError(f'cannot derive the BC prior from the Improve step {d}: its start policy '
                        f'{nxt!r} is missing; set improve.prior_policy_dir')
     if recorded:
-      return os.path.abspath(recorded)
-    d = os.path.abspath(nxt)
+      return fileio.abspath(recorded)
+    d = fileio.abspath(nxt)
   return d
 
 
@@ -321,11 +319,10 @@ def improve(model_dir: str,
       good checkpoint.
   """
   start = time.perf_counter()
-  os.makedirs(model_dir, exist_ok=True)
+  fileio.makedirs(model_dir)
   summary_path = os.path.join(model_dir, 'improve_summary.json')
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  if fileio.exists(summary_path):
+    summary = fileio.read_json(summary_path)
     if summary.get('complete'):
       logging.info('improve: %s is complete', model_dir)
       return summary
@@ -347,7 +344,7 @@ def improve(model_dir: str,
                '%d of %d sources', tau, threshold_mode, stats['kept_records'],
                stats['total_records'], stats['kept_references'], stats['kept_samples'],
                stats['distinct_sources'], stats['total_sources'])
-  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  cache = fileio.local_cache_dir(fileio.parent(model_dir))
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=dev_examples)
 
@@ -373,9 +370,8 @@ def improve(model_dir: str,
   history: list[dict] = []
   if restored is not None:
     state = restored
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        history = json.load(f).get('history', [])
+    if fileio.exists(summary_path):
+      history = fileio.read_json(summary_path).get('history', [])
   step = int(jax.device_get(state.step))
   train_seconds = history[-1]['train_seconds'] if history else 0.0
   writer = summaries.metric_writer(model_dir)
@@ -452,8 +448,8 @@ def improve(model_dir: str,
                  selection=selection,
                  threshold_mode=threshold_mode, steps=step, train_seconds=train_seconds,
                  best_dev_reward=best['reward'], best_step=best['step'],
-                 stopped_early=stale >= patience, init_policy_dir=os.path.abspath(init_policy_dir),
-                 prior_policy_dir=prior_dir, model_dir=os.path.abspath(model_dir),
+                 stopped_early=stale >= patience, init_policy_dir=fileio.abspath(init_policy_dir),
+                 prior_policy_dir=prior_dir, model_dir=fileio.abspath(model_dir),
                  wall_seconds=time.perf_counter() - start, complete=True,
                  final_metrics={k: float(v) for k, v in jax.device_get(metrics).items()})
   fileio.write_json(summary_path, summary)

@@ -233,13 +233,13 @@ def cached_task_data(task_name: str, split: str, inputs_length: int, targets_len
   name = (f'{task_name}{"." + fingerprint if fingerprint else ""}.{split}.'
           f'{inputs_length}x{targets_length}.{max_examples or "all"}.npz')
   path = os.path.join(cache_dir, name)
-  if os.path.exists(path):
+  if fileio.exists(path):
     z = np.load(path, allow_pickle=False)
     arrays = {k[2:]: z[k] for k in z.files if k.startswith('a_')}
     return TaskData(arrays, list(z['inputs']), list(z['targets']), list(z['keys']),
                     int(z['num_truncated']))
   data = load_task_data(task_name, split, inputs_length, targets_length, max_examples)
-  os.makedirs(cache_dir, exist_ok=True)
+  fileio.makedirs(cache_dir)
   tmp = fileio.temp_path(path, '.npz')  # Hosts may fill the same cache at once.
   try:
     np.savez_compressed(tmp, inputs=np.array(data.inputs), targets=np.array(data.targets),

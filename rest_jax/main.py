@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                              for b in bindings):
     bindings.insert(0, 'translate_lines.model = %MODEL')  # The model gin file's MODEL.
   parse_gin(args.gin_file, bindings, args.gin_search_path)
-  _persistent_jit_cache(os.path.join(args.workdir, 'cache', 'jit'))
+  from rest_jax import fileio
+  _persistent_jit_cache(os.path.join(fileio.local_cache_dir(args.workdir), 'jit'))
   from rest_jax import joblock, records
   records.set_repair(args.repair)
   try:

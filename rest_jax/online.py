@@ -298,7 +298,7 @@ def online(workdir: str,
                      f'{sources_per_rollout} x {num_decodes} = {n} samples')
   fileio.makedirs(workdir)
   fileio.write_text(os.path.join(workdir, 'config.gin'), gin.config_str())
-  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  cache = fileio.local_cache_dir(workdir)
   load = lambda split, k: input_pipeline.cached_task_data(task, split, inputs_length,
                                                           max_decode_len, cache, max_examples=k)
   if task_data is None:

@@ -136,16 +136,13 @@ def write_records(path: str, records: Sequence[Mapping[str, Any]],
   A write that fails part-way (e.g. `OSError` ENOSPC) removes the temporary file and re-raises.
   """
   import tensorflow as tf
-  tmp = path + '.tmp'
-  fileio.remove(tmp)  # A partial file of a killed run.
-  try:
+  # Locally `<path>.tmp`, one name for every process: chunks are claimed, so one writer at a
+  # time, and a rerun removes a killed run's partial file. A URL is written through a local
+  # file (TensorFlow's writer knows only the `gs://` of the URL schemes).
+  with fileio.staged_write(path, tmp=path + '.tmp') as tmp:
     with tf.io.TFRecordWriter(tmp) as w:
       for r in records:
         w.write(to_example(r, extra_float_fields).SerializeToString(deterministic=True))
-  except BaseException:
-    fileio.remove(tmp)
-    raise
-  fileio.atomic_replace(tmp, path)
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -158,8 +155,9 @@ def read_records(path: str) -> list[dict[str, Any]]:
   import tensorflow as tf
   out = []
   try:
-    for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
-      out.append(parse(raw))
+    with fileio.local_copy(path) as local:
+      for raw in tf.data.TFRecordDataset(local).as_numpy_iterator():
+        out.append(parse(raw))
   except tf.errors.DataLossError as e:
     raise CorruptChunkError(f'{path} is corrupt or truncated at record {len(out)} '
                             f'({e.message.splitlines()[0]})', path=path) from e
@@ -473,8 +471,7 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 def workdir_of(output_dir: str) -> str:
   """The work directory of a stage's output dir: its parent (`<workdir>/grow_1`)."""
-  return os.path.dirname(os.path.abspath(output_dir)) if not fileio.is_url(output_dir) else (
-      output_dir.rstrip('/').rsplit('/', 1)[0])
+  return fileio.parent(output_dir)
 
 
 def portable_settings(settings: Mapping[str, Any], workdir: str, path_keys: Sequence[str],
@@ -567,8 +564,7 @@ def pin_settings(output_dir: str, settings: Mapping[str, Any], *, what: str,
     fileio.makedirs(output_dir)
     fileio.write_json(path, {'schema_version': SCHEMA_VERSION, 'settings': new,
                              'settings_hash': h,
-                             'location': {'output_dir': os.path.abspath(output_dir)
-                                          if not fileio.is_url(output_dir) else output_dir,
+                             'location': {'output_dir': fileio.abspath(output_dir),
                                           'process_count': process_count}})
   return Pinned(new, h, RECORD_FORMAT, SCHEMA_VERSION)
 

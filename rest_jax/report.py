@@ -183,7 +183,7 @@ def plots(workdir: str, report: dict, grow_rewards: dict[int, np.ndarray] | None
   import matplotlib.pyplot as plt
   from matplotlib import ticker
   out_dir = os.path.join(workdir, 'plots')
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   paths = []
   stages = report['stages']
   names = [s['name'] for s in stages]
@@ -301,7 +301,7 @@ def replot(workdir: str) -> list[str]:
   from rest_jax.rewards import scoring
   grow_rewards = {g['grow']: np.array([r['reward'] for r in
                                        scoring.read_scored_records(g['scored_dir'])])
-                  for g in report['grows'] if os.path.isdir(g['scored_dir'])}
+                  for g in report['grows'] if fileio.isdir(g['scored_dir'])}
   return plots(workdir, report, grow_rewards)
 
 
@@ -377,7 +377,7 @@ def rest_em_plots(workdir: str, report: dict) -> list[str]:
   import matplotlib.pyplot as plt
   from matplotlib import ticker
   out_dir = os.path.join(workdir, 'plots')
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   its, sampled = report['iterations'], report.get('sampled_split') or 'test'
   x = [it['iteration'] for it in its]
   fig, ax = plt.subplots(figsize=(8, 4))

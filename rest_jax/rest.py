@@ -22,7 +22,6 @@ Grow runs I = `rest.improve_steps_per_grow` Improve steps, indexed 0..I-1.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -61,8 +60,8 @@ def stage_output_problem(stage_dir: str) -> str | None:
       return str(e)
   for sub in ('best', 'checkpoints'):
     d = os.path.join(stage_dir, sub)
-    if os.path.isdir(d):
-      if not any(n.isdigit() for n in os.listdir(d)):
+    if fileio.isdir(d):
+      if not any(n.isdigit() for n in fileio.listdir(d)):
         return f'{d} holds no checkpoint'
       break
   return None
@@ -77,7 +76,7 @@ def _stage_done(stage_dir: str) -> dict | None:
       chunks).
   """
   path = os.path.join(stage_dir, STAGE_FILE)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return None
   problem = stage_output_problem(stage_dir)
   if problem is None:
@@ -91,7 +90,7 @@ def _stage_done(stage_dir: str) -> dict | None:
 
 
 def _mark_done(stage_dir: str, result: dict) -> dict:
-  os.makedirs(stage_dir, exist_ok=True)
+  fileio.makedirs(stage_dir)
   fileio.write_text(os.path.join(stage_dir, 'config.gin'), gin.config_str())
   fileio.write_json(os.path.join(stage_dir, STAGE_FILE), result)
   return result
@@ -157,7 +156,7 @@ def import_policy(model_dir: str, model, params_file: str) -> dict:
   vocab = os.path.join(input_pipeline.policy_dir_of(params_file), input_pipeline.VOCAB_FILE)
   if fileio.exists(vocab):  # The imported policy keeps its vocabulary's record.
     fileio.write_json(os.path.join(model_dir, input_pipeline.VOCAB_FILE), fileio.read_json(vocab))
-  return {'imported_from': os.path.abspath(params_file)}
+  return {'imported_from': fileio.abspath(params_file)}
 
 
 def _sources(data: input_pipeline.TaskData) -> list[list[int]]:
@@ -343,8 +342,8 @@ def rest(workdir: str,
     raise ValueError(f'improve_steps_per_grow={improve_steps} needs {improve_steps} thresholds, '
                      f'the schedule has {len(taus)}: {taus}')
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  fileio.makedirs(workdir)
+  cache = fileio.local_cache_dir(workdir)
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)
   metric_scorer = None if reward == 'rm' else metrics_lib.MetricScorer(reward, detok)
@@ -356,7 +355,7 @@ def rest(workdir: str,
   if rm_dir and (retrain_rm or reward != 'rm'):
     raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
                      f"reward='rm' (not {reward!r}) and retrain_rm=False")
-  given_rm_dir = os.path.abspath(fileio.repo_path(rm_dir)) if rm_dir else None
+  given_rm_dir = fileio.abspath(fileio.repo_path(rm_dir)) if rm_dir else None
 
   # -- BC ------------------------------------------------------------------------------------------
   bc_dir = os.path.join(workdir, 'bc')
@@ -364,7 +363,7 @@ def rest(workdir: str,
     bc = _run_stage(bc_dir, import_policy, bc_dir, model, bc_params_file)
   elif bc_policy_dir:
     bc_dir = bc_policy_dir
-    bc = {'policy_dir': os.path.abspath(bc_policy_dir), 'minutes': 0.0}
+    bc = {'policy_dir': fileio.abspath(bc_policy_dir), 'minutes': 0.0}
   else:
     bc = _run_stage(bc_dir, lambda: {'train': train_lib.train(bc_dir)})
   stages = [dict(name='bc', dir=bc_dir, grow=0, improve=None, tau=None, loss='nll',
@@ -464,7 +463,7 @@ def _same_improve(loop_dir: str, loss: str, tau: float, mode: str, init_policy_d
   s = done['summary']
   recorded = fileio.relocate(s.get('init_policy_dir'), s.get('model_dir'), loop_dir)
   return (s.get('loss') == loss and s.get('tau') == tau and s.get('threshold_mode') == mode and
-          recorded is not None and os.path.abspath(recorded) == os.path.abspath(init_policy_dir))
+          recorded is not None and fileio.abspath(recorded) == fileio.abspath(init_policy_dir))
 
 
 @gin.configurable(denylist=['workdir'])
@@ -497,7 +496,7 @@ def compare_losses(workdir: str,
   between `bc` and this row is what the policy's own Grow samples add.
   """
   from rest_jax.rewards import model as rm_model, scoring
-  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  cache = fileio.local_cache_dir(workdir)
   detok = input_pipeline.detokenizer(task)
   dev = input_pipeline.cached_task_data(task, 'validation', inputs_length, targets_length, cache,
                                         max_examples=dev_examples)
@@ -510,7 +509,7 @@ def compare_losses(workdir: str,
   scored = records_lib.read_settings(scored_dir, ('rm_dir', 'grow_dir'))
   reward = scored['reward']  # The loop's reward: 'rm' or a metric, and its reward model.
   rm_dir = scored.get('rm_dir')  # (<workdir>/rm when that path is gone: a moved work directory)
-  rm_dir = rm_dir if rm_dir and os.path.isdir(rm_dir) else os.path.join(workdir, 'rm')
+  rm_dir = rm_dir if rm_dir and fileio.isdir(rm_dir) else os.path.join(workdir, 'rm')
   if reward == 'rm':
     scorer = rm_model.load_reward_model(rm_dir)
   else:

@@ -249,8 +249,8 @@ def rest_em(workdir: str,
   if set(controls) - set(CONTROLS):
     raise ValueError(f'unknown controls {sorted(set(controls) - set(CONTROLS))}; use {CONTROLS}')
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  cache = os.path.join(os.path.abspath(workdir), 'cache')
+  fileio.makedirs(workdir)
+  cache = fileio.local_cache_dir(workdir)
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
   detok = input_pipeline.detokenizer(task)
   scorer = verifiers.make_scorer(reward, detok)
@@ -267,7 +267,7 @@ def rest_em(workdir: str,
   if base_params_file:
     base = rest_lib._run_stage(base_dir, rest_lib.import_policy, base_dir, model, base_params_file)
   elif base_policy_dir:
-    base_dir, base = base_policy_dir, {'policy_dir': os.path.abspath(base_policy_dir),
+    base_dir, base = base_policy_dir, {'policy_dir': fileio.abspath(base_policy_dir),
                                        'minutes': 0.0}
   else:
     base = rest_lib._run_stage(base_dir, lambda: {'train': train_lib.train(base_dir, task=task)})

@@ -9,15 +9,20 @@ points of the training loop, `dev/...` at its dev evaluations; steps are optimiz
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
+from rest_jax import fileio
+
 
 def metric_writer(logdir: str):
   """A clu `MetricWriter` (TensorBoard event files in `logdir`, plus the scalars in the log) on
-  process 0; None on the other processes, which write nothing.
+  process 0; None on the other processes, which write nothing. A URL `logdir` gets its event
+  files at every `flush()` and at `close()` (written locally first: `_UploadingWriter`).
 
   Synchronous: a scalar is on disk after the writer's `flush()` (the callers flush at their
   evaluations and at the end). clu is imported lazily: its writer pulls in TensorFlow.
@@ -25,7 +30,33 @@ def metric_writer(logdir: str):
   if jax.process_index() != 0:
     return None
   from clu import metric_writers
-  return metric_writers.create_default_writer(logdir, asynchronous=False)
+  if not fileio.is_url(logdir):
+    return metric_writers.create_default_writer(logdir, asynchronous=False)
+  staging = tempfile.mkdtemp(prefix='rest_jax_tb_')
+  return _UploadingWriter(metric_writers.create_default_writer(staging, asynchronous=False),
+                          staging, logdir)
+
+
+class _UploadingWriter:
+  """A clu writer into a local staging folder whose `flush()` / `close()` copy the event files to
+  the URL `logdir`. Our choice: TensorFlow's event writer knows only the `gs://` of the URL
+  schemes; this way every scheme that `rest_jax.fileio` reads and writes works, at the cost of
+  re-uploading the (small, growing) event file at every flush."""
+
+  def __init__(self, writer, staging: str, logdir: str):
+    self._writer, self._staging, self._logdir = writer, staging, logdir
+
+  def __getattr__(self, name):
+    return getattr(self._writer, name)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    fileio.upload_tree(self._staging, self._logdir)
+
+  def close(self) -> None:
+    self._writer.close()
+    fileio.upload_tree(self._staging, self._logdir)
+    shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def train_scalars(metrics: Mapping[str, Any], learning_rate: float | None = None,

@@ -10,7 +10,6 @@ Time accounting: `max_minutes` and `eval_at_minutes` count *training* wall-clock
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -95,8 +94,8 @@ def train(model_dir: str,
       metric sync) or non-finite params before a checkpoint save or dev evaluation; that state
       is not saved and the message names the step and the last good checkpoint.
   """
-  os.makedirs(model_dir, exist_ok=True)
-  cache = os.path.join(os.path.dirname(os.path.abspath(model_dir)), 'cache')
+  fileio.makedirs(model_dir)
+  cache = fileio.local_cache_dir(fileio.parent(model_dir))
   fileio.write_text(os.path.join(model_dir, 'config.gin'), gin.config_str())
   if train_data is None:
     train_data = input_pipeline.cached_task_data(task, 'train', inputs_length, targets_length, cache,
@@ -135,9 +134,8 @@ def train(model_dir: str,
   start_step = int(jax.device_get(state.step))
   summary_path = os.path.join(model_dir, 'train_summary.json')
   summary = {'eval_at_minutes': [], 'train_seconds': 0.0}
-  if restored is not None and os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  if restored is not None and fileio.exists(summary_path):
+    summary = fileio.read_json(summary_path)
     logging.info('resumed from step %d', start_step)
 
   batcher = data_lib.ArrayBatcher(train_data.arrays, batch_size, seed=seed)
@@ -274,7 +272,7 @@ def evaluate(model_dir: str,
   input_pipeline.check_vocab_size(task, model.config.vocab_size)
   input_pipeline.check_policy_vocab(model_dir, task)
   params = trainer_lib.restore_policy(model_dir, trainer_lib.abstract_params(model, mesh))
-  cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
+  cache = fileio.local_cache_dir(fileio.parent(output_dir))
   detok = input_pipeline.detokenizer(task)
   results = {}
   for split in splits:

@@ -272,7 +272,7 @@ class Checkpointer:
 
   def __init__(self, model_dir: str, keep: int = 2, best_metric: str | None = None,
                best_mode: str = 'max', keep_best: int = 1):
-    self.model_dir = os.path.abspath(model_dir)
+    self.model_dir = fileio.abspath(model_dir)
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                         enable_async_checkpointing=False)
     self.latest = ocp.CheckpointManager(os.path.join(self.model_dir, 'checkpoints'), options=opts)
@@ -476,7 +476,7 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
   best_dir = os.path.join(checkpoint_dir, 'best')
-  if os.path.isdir(best_dir):
+  if fileio.isdir(best_dir):
     mngr = ocp.CheckpointManager(best_dir)
     step = mngr.latest_step()
     if step is not None:

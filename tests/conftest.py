@@ -9,6 +9,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# gcsfs reads this at import: its bucket-type probe (a gRPC call with a 60 s timeout) cannot reach
+# the storage emulator of tests/test_storage.py.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 import tempfile  # noqa: E402
 

@@ -82,7 +82,7 @@ def rm_check(output_dir: str,
   if reward != 'rm':
     metrics_lib.components(reward)  # Raises on an unknown metric ('rm' is the learned model).
   if task_data is None:
-    cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
+    cache = fileio.local_cache_dir(fileio.parent(output_dir))
     task_data = input_pipeline.cached_task_data(task, split, inputs_length, targets_length, cache,
                                                 max_examples=max_sources)
   if max_sources is not None:
@@ -123,7 +123,7 @@ def rm_check(output_dir: str,
   stripped = [t.strip() for t in texts]
   same = np.array([stripped[i] == stripped[i - i % k] for i in range(n * k)]).reshape(n, k)
   result: dict[str, Any] = {'reward': reward, 'split': split, 'num_sources': n, 'seed': seed,
-                            'rm_dir': os.path.abspath(rm_dir) if reward == 'rm' and rm_dir
+                            'rm_dir': fileio.abspath(rm_dir) if reward == 'rm' and rm_dir
                             else None}
   result['num_compared'], result['num_ties_excluded'] = {}, {}
   for j, kind in enumerate(ROWS[1:], start=1):

@@ -55,7 +55,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -602,17 +601,17 @@ def train_reward_model(output_dir: str,
     logging.info('train_rm: %s is complete', output_dir)
     return done
   start = time.perf_counter()
-  os.makedirs(output_dir, exist_ok=True)
+  fileio.makedirs(output_dir)
   first = not fileio.exists(os.path.join(output_dir, records_lib.SETTINGS_FILE))
   records_lib.pin_settings(output_dir, given, what='a reward model', path_keys=('grow_dir',),
                            write=jax.process_index() == 0)  # Raises for other settings.
   if first:  # Checkpoints of unknown settings (written before they were pinned).
-    shutil.rmtree(os.path.join(output_dir, 'checkpoints'), ignore_errors=True)
+    fileio.rmtree(os.path.join(output_dir, 'checkpoints'))
   ckpt = trainer_lib.Checkpointer(output_dir, keep=2)
   if ckpt.latest.latest_step() is None:  # A killed run's curves: this run starts at step 0.
-    for name in os.listdir(output_dir):
+    for name in fileio.listdir(output_dir):
       if name.startswith('events.out.tfevents.'):
-        os.remove(os.path.join(output_dir, name))
+        fileio.remove(os.path.join(output_dir, name))
   if tokenize is None:
     tokenize = rm_model.text_tokenizer(task)
 
@@ -635,7 +634,7 @@ def train_reward_model(output_dir: str,
   if embedding_init == 'lsi':
     if corpus is None:
       from rest_jax import input_pipeline
-      cache = os.path.join(os.path.dirname(os.path.abspath(output_dir)), 'cache')
+      cache = fileio.local_cache_dir(fileio.parent(output_dir))
       td = input_pipeline.cached_task_data(task, 'train', 128, 128, cache)
       corpus = (td.arrays['encoder_input_tokens'], td.arrays['decoder_target_tokens'])
     dev_src = {tuple(ids) for ids, keep in zip(dev.source_ids, dev.kind) if keep == 'reference'}
