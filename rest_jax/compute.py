@@ -1,4 +1,4 @@
-"""Compute estimates per stage of a ReST / ReST-EM run config on a named TPU or GPU slice.
+"""Compute estimates per stage of a ReST / ReST-EM / online RL run config on a TPU or GPU slice.
 
     python scripts/compute_estimate.py gin_configs/runs/rest_iwslt14_de_en.gin --accelerator=v5e-8
 
@@ -255,6 +255,65 @@ def estimate(w: Mapping[str, Any], m: ModelShape, rm_params: int | None,
   }
 
 
+def estimate_online(w: Mapping[str, Any], m: ModelShape, rm_params: int | None,
+                    acc: accelerators.Accelerator, mfu: float = 0.4) -> dict[str, Any]:
+  """Per-stage estimates of an online RL run (`rest-jax online`; `workload_from_gin('online')`).
+
+  Stages (our accounting, the same assumptions as `estimate`): `rollouts`: the samples drawn, in
+  rollout batches of sources_per_rollout x num_decodes rows (bandwidth-bound decode: online RL's
+  small batches are what make its sampling dear); `rollout_scoring`: a forward pass of the policy
+  (value head; the ratio's old log-probs come with the samples) and of the frozen reference per
+  sample, plus the reward model's forward pass when the reward is one; `updates`: ppo_epochs
+  training passes over every sample; `evaluation`: greedy dev + test decodes at every stage.
+
+  Returns / raises: as `estimate`.
+  """
+  if acc.kind == 'cpu':
+    raise ValueError('no estimates for cpu: name a TPU slice or GPUs')
+  o = w['online']
+  src, tgt, n = o['inputs_length'], o['max_decode_len'], o['max_samples']
+  rows = o['sources_per_rollout'] * o['num_decodes']
+  rollouts = math.ceil(n / rows)
+  d = decode_seconds(m, acc, o['sources_per_rollout'], rows, o['num_decodes'], src, tgt, mfu)
+  stages = [_stage('rollouts', rollouts, d['seconds'], samples=n, batch=rows,
+                   decode_steps=d['decode_steps'] * rollouts, bandwidth_bound=d['bandwidth_bound'])]
+  score = 2 * forward_flops(m, src, tgt) * rows
+  if rm_params is not None:
+    score += 2 * rm_params * min(o['rm_max_len'], src + tgt) * rows
+  stages.append(_stage('rollout_scoring', rollouts, compute_seconds(score, acc, mfu),
+                       samples=n))
+  stages.append(_stage('updates', rollouts, compute_seconds(
+      train_flops(m, src, tgt, rows * o['ppo_epochs']), acc, mfu),
+      steps=rollouts * o['ppo_epochs'] * (rows // o['minibatch_size']), batch=o['minibatch_size']))
+  evals = 1 + math.ceil(n / o['eval_every_samples'])
+  stages.append(_stage('evaluation', evals, sum(
+      decode_seconds(m, acc, k, EVAL_BATCH_ROWS, 1, src, tgt, mfu)['seconds']
+      for k in (o['dev_examples'], o['test_examples']))))
+  return {
+      'accelerator': acc.to_json(), 'chip': dataclasses.asdict(acc.chip),
+      'assumptions': {'mfu_training': mfu, 'sampling': 'HBM-bandwidth-bound roofline',
+                      'eval_batch_rows': EVAL_BATCH_ROWS},
+      'params': {'policy_total': m.total_params, 'policy_encoder': m.encoder_params,
+                 'policy_decoder': m.decoder_params, 'policy_embedding': m.embedding_params,
+                 'reward_model': rm_params},
+      'stages': stages, 'hours_total': sum(s['hours_total'] for s in stages),
+  }
+
+
+def _online_workload(get) -> dict[str, Any]:
+  from rest_jax import online
+  fn = online.online
+  o = {k: get(fn, k) for k in ('task', 'algorithm', 'reward', 'rm_dir', 'sources_per_rollout',
+                               'num_decodes', 'ppo_epochs', 'minibatch_size', 'max_samples',
+                               'max_decode_len', 'inputs_length', 'eval_every_samples',
+                               'dev_examples', 'test_examples')}
+  for split, key in (('validation', 'dev_examples'), ('test', 'test_examples')):
+    if o[key] is None:
+      o[key] = _split_size(o['task'], split)
+  o['rm_max_len'] = 256
+  return {'loop': 'online', 'task': o['task'], 'online': o}
+
+
 def workload_from_gin(loop: str | None = None, num_sources: int | None = None) -> dict[str, Any]:
   """The workload of the parsed gin config (`main.parse_gin` first): 'rest' or 'rest_em' (None:
   whichever the config binds), its stages' sizes read from the bindings (defaults from the
@@ -272,7 +331,10 @@ def workload_from_gin(loop: str | None = None, num_sources: int | None = None) -
     except ValueError:
       return inspect.signature(fn).parameters[name].default
   if loop is None:
-    loop = 'rest_em' if rest._bound('rest_em.model') else 'rest'  # pylint: disable=protected-access
+    loop = ('online' if rest._bound('online.model')  # pylint: disable=protected-access
+            else 'rest_em' if rest._bound('rest_em.model') else 'rest')  # pylint: disable=protected-access
+  if loop == 'online':
+    return _online_workload(get)
   fn = rest_em.rest_em if loop == 'rest_em' else rest.rest
   task = get(fn, 'task')
   w = {'loop': loop, 'task': task, 'num_sources': num_sources,
@@ -336,7 +398,8 @@ def format_table(result: Mapping[str, Any]) -> str:
   for s in result['stages']:
     detail = ', '.join(f'{k} {s[k]:,}' if isinstance(s[k], int) and not isinstance(s[k], bool)
                        else f'{k} {s[k]}' for k in keys if k in s)
-    lines.append(f"| {s['stage']} | {s['count']} | {s['seconds_each'] / 60:.1f} | "
+    each = s['seconds_each'] / 60
+    lines.append(f"| {s['stage']} | {s['count']:,} | {each:.1f}{'' if each >= 0.1 else f' ({each * 60:.2g} s)'} | "
                  f"{s['hours_total']:.2f} | {detail} |")
   lines.append(f"| **total** | | | **{result['hours_total']:.2f}** | |")
   return '\n'.join(lines)

@@ -55,7 +55,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -355,6 +355,12 @@ def online(workdir: str,
       done = int(jax.device_get(state.step))
       rollouts_log, stages = _truncate(h['rollouts'], done), _truncate(h['stages'], done)
     logging.info('online: resumed %s at rollout %d', workdir, int(jax.device_get(state.step)))
+  # Wall minutes of the run so far: the invocations up to the checkpoint resumed from (the
+  # rollouts a killed run made after it are redone, and counted once) plus this one.
+  minutes_before = max([e.get('minutes') or 0.0 for e in rollouts_log + stages] or [0.0])
+
+  def minutes() -> float:
+    return minutes_before + (time.perf_counter() - start) / 60
   if from_task and jax.process_index() == 0:
     input_pipeline.write_policy_vocab(policy_dir, task)  # `policy/` is a policy dir too.
 
@@ -382,7 +388,7 @@ def online(workdir: str,
                  samples_drawn=drawn, rollouts=r, updates=int(jax.device_get(s.train.step)),
                  train_reward=last.get('reward'), train_kl=last.get('kl'),
                  kl_coef=float(jax.device_get(s.kl.value)), eval_decodes=len(dev) + len(test),
-                 minutes=(time.perf_counter() - start) / 60)
+                 minutes=minutes())
     stages.append(stage)
     if writer:
       writer.write_scalars(stage['updates'], {f'{k.replace("_", "/", 1)}': stage[k] for k in (
@@ -418,7 +424,8 @@ def online(workdir: str,
                              kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon,
                              gamma=gamma, lam=lam, eval_every_samples=eval_every_samples,
                              max_decode_len=max_decode_len, seed=seed),
-               minutes_this_invocation=(time.perf_counter() - start) / 60)
+               minutes_this_invocation=(time.perf_counter() - start) / 60,
+               minutes_total=minutes())
     fileio.write_json(os.path.join(workdir, 'report.json'), rep)
     return rep
 
@@ -478,7 +485,7 @@ def online(workdir: str,
                              reward=float(rewards.mean()), kl=mean_kl, kl_coef=beta,
                              mean_length=float(feats['lengths'].mean()),
                              loss=m['loss'], clip_fraction=m.get('clip_fraction'),
-                             value_loss=m.get('value_loss')))
+                             value_loss=m.get('value_loss'), minutes=minutes()))
     if writer:
       writer.write_scalars(int(jax.device_get(train.step)), summaries.train_scalars(
           m, reward=rewards.mean(), sequence_kl=mean_kl, kl_coef=beta, samples_drawn=drawn))

@@ -78,8 +78,8 @@ def online_rows(report: dict, name: str, budgets: list[int]) -> list[dict]:
     if at:
       s = at[-1]
       rows.append(dict(s, method=f'{name} @ {b:,}', samples=s['samples_drawn'],
-                       wall_minutes=s['minutes']))  # Since its invocation began (evaluations
-      # included): the run's wall time when it ran uninterrupted.
+                       wall_minutes=s['minutes']))  # The run's wall time up to this stage
+      # (evaluations included; a resumed run adds its invocations' minutes up to the checkpoint).
   return rows
 
 

@@ -75,3 +75,28 @@ def test_iwslt_config_estimate(tmp_path):
   with pytest.raises(ValueError, match='cpu'):
     compute.estimate({}, compute.ModelShape(1, 1, 1, 1, 1, 1, 1, 1, 1), None,
                      accelerators.parse('cpu'))
+
+
+def test_online_estimate_by_hand_and_the_paper_scale_ppo_config(tmp_path):
+  acc = accelerators.parse('v5e-8')
+  w = {'loop': 'online', 'task': 't', 'online': dict(
+      inputs_length=3, max_decode_len=16, max_samples=1000, sources_per_rollout=16, num_decodes=4,
+      ppo_epochs=2, minibatch_size=32, eval_every_samples=500, dev_examples=10,
+      test_examples=20, rm_max_len=8)}
+  got = {s['stage']: s for s in compute.estimate_online(w, TOY, 7, acc, mfu=0.5)['stages']}
+  # 1,000 samples in rollouts of 64: 16 rollouts, each one decode batch of 64 rows.
+  assert got['rollouts']['count'] == 16 and got['rollouts']['decode_steps'] == 16 * 16
+  assert math.isclose(got['rollouts']['seconds_each'], compute.decode_seconds(
+      TOY, acc, 16, 64, 4, 3, 16, 0.5)['seconds'])
+  score = (2 * compute.forward_flops(TOY, 3, 16) + 2 * 7 * 8) * 64
+  assert math.isclose(got['rollout_scoring']['seconds_each'], score / (8 * 197e12 * 0.5))
+  assert math.isclose(got['updates']['seconds_each'],
+                      compute.train_flops(TOY, 3, 16, 64 * 2) / (8 * 197e12 * 0.5))
+  assert got['updates']['steps'] == 16 * 2 * 2 and got['evaluation']['count'] == 1 + 2
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  import compute_estimate
+  r = compute_estimate.run('gin_configs/runs/ppo_iwslt14_de_en.gin', ['h100x8'])
+  est = r['estimates']['h100x8']
+  stages = {s['stage']: s for s in est['stages']}
+  assert r['loop'] == 'online' and stages['rollouts']['samples'] == 160_239 * 100
+  assert est['params']['reward_model'] is not None and 40e6 < est['params']['policy_total'] < 60e6

@@ -79,6 +79,15 @@ def _launcher_env_wanted() -> bool:
 
 @pytest.mark.skipif(not _launcher_env_wanted(),
                     reason='xm_launch/.venv absent and not CI (bash xm_launch/env.sh builds it)')
+def test_online_mode_is_one_host():
+  got = spec.job_spec('online', 'h100=8', 'gs://b/ppo', [])
+  assert got['command'][:3] == ['rest-jax', 'online',
+                                '--gin_file=gin_configs/runs/ppo_iwslt14_de_en.gin']
+  assert spec.DISTRIBUTED_ENV not in got['env']
+  with pytest.raises(ValueError, match='one host'):
+    spec.job_spec('online', 'v4-32', 'gs://b/ppo', [])
+
+
 def test_dry_run_and_local_in_launcher_env(tmp_path):
   start = time.perf_counter()
   subprocess.run(['bash', os.path.join(ROOT, 'xm_launch', 'env.sh')], check=True, timeout=900)

@@ -250,6 +250,11 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, optimizer_gin):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
   kl = [e['kl_coef'] for e in online_history(tmp_path / 'killed')]
   assert kl == [e['kl_coef'] for e in online_history(tmp_path / 'whole')] and kl[0] != kl[-1]
+  # Minutes count the whole run: the resumed invocation adds to the killed one's minutes.
+  log = online_history(tmp_path / 'killed')
+  assert all(a['minutes'] < b['minutes'] for a, b in zip(log, log[1:]))
+  assert resumed['minutes_total'] > resumed['minutes_this_invocation']
+  assert resumed['stages'][-1]['minutes'] >= log[1]['minutes']
 
 
 def test_rollout_advantages_ppo_and_grpo():

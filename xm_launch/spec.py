@@ -35,6 +35,7 @@ MODES = {
     'improve': ('improve', 'gin_configs/runs/improve.gin'),
     'rest': ('rest', 'gin_configs/runs/rest_iwslt14_de_en.gin'),
     'rest-em': ('rest-em', 'gin_configs/runs/rest_em_gsm8k.gin'),
+    'online': ('online', 'gin_configs/runs/ppo_iwslt14_de_en.gin'),  # One host only.
 }
 # The environment variable that asks every `rest-jax` command to call `jax.distributed.initialize`
 # (`rest_jax.distributed.DISTRIBUTED_ENV`, which imports jax: not importable here; tests check that
@@ -128,9 +129,13 @@ def job_spec(mode: str, accelerator: str, workdir: str, gin_files: Sequence[str]
     command_override: a shell command run instead of `rest-jax` (local checks: 'echo ok').
 
   Raises:
-    ValueError: as `accelerators.parse`, `job_args`, `check_workdir`.
+    ValueError: as `accelerators.parse`, `job_args`, `check_workdir`; online RL on a multi-host
+      slice (`rest-jax online` runs on one host).
   """
   acc = accelerators.parse(accelerator)
+  if mode == 'online' and acc.num_hosts > 1:
+    raise ValueError(f'{accelerator} has {acc.num_hosts} hosts; online RL (rest-jax online) runs '
+                     'on one host: use a single-host slice (v5e-8, h100=8)')
   check_workdir(workdir, local)
   rest_argv = job_args(mode, gin_files, workdir, extra)
   argv = ['bash', '-c', command_override] if command_override else rest_argv
