@@ -209,6 +209,7 @@ def online(workdir: str,
            checkpoint_every_rollouts: int = 10,
            dev_examples: int | None = 200,
            test_examples: int | None = 500,
+           pool_eval_examples: int = 0,
            max_sources: int | None = None,
            source_every: int = 1,
            inputs_length: int = 128,
@@ -255,6 +256,8 @@ def online(workdir: str,
     eval_every_samples: a stage every this many training samples (M).
     checkpoint_every_rollouts: latest checkpoint period (also at every stage and at the end).
     dev_examples, test_examples: first pairs of validation / test evaluated (None: all).
+    pool_eval_examples: with the solver evaluator, also greedy pass@1 on the first this many
+      training problems (`pool_pass1`: ReST-EM's overfitting check on its pool; 0: none).
     max_sources, source_every: the train sources used (as `grow.grow`).
     inputs_length, max_decode_len: source feature length and sample length (tokens).
     decode_length_ratio: a sample of a source in length bucket s has at most
@@ -368,6 +371,7 @@ def online(workdir: str,
   batcher = data_lib.ArrayBatcher({'row': np.arange(len(task_data))}, sources_per_rollout,
                                   seed=seed, length_buckets=(), pool_batches=1)
   src_ids = [data_lib.trim(r) for r in task_data.arrays['encoder_input_tokens']]
+  pool_n = min(pool_eval_examples, len(task_data)) if evaluator == 'solver' else 0
 
   def evaluate(s) -> dict:
     """A stage: the greedy dev / test metrics of the state's policy."""
@@ -380,14 +384,17 @@ def online(workdir: str,
       ev = rest_lib.evaluate_policy(model, None, scorer, dev, test, detokenize, params=policy,
                                     out_dir=ev_dir)
     else:
-      ev = rest_em_lib.evaluate_solver(model, None, {'dev': dev, 'test': test}, scorer,
+      splits = {'dev': dev, 'test': test}
+      if pool_n:
+        splits['pool'] = task_data.subset(pool_n)
+      ev = rest_em_lib.evaluate_solver(model, None, splits, scorer,
                                        params=policy, sampled_split=None, out_dir=ev_dir)
       ev.update(dev_reward=ev['dev_pass1'], test_reward=ev['test_pass1'], test_bleu=None)
     last = rollouts_log[-1] if rollouts_log else {}
     stage = dict({k: None for k in report_lib.STAGE_KEYS}, **ev, name=name, loss=algorithm,
                  samples_drawn=drawn, rollouts=r, updates=int(jax.device_get(s.train.step)),
                  train_reward=last.get('reward'), train_kl=last.get('kl'),
-                 kl_coef=float(jax.device_get(s.kl.value)), eval_decodes=len(dev) + len(test),
+                 kl_coef=float(jax.device_get(s.kl.value)), eval_decodes=len(dev) + len(test) + pool_n,
                  minutes=minutes())
     stages.append(stage)
     if writer:

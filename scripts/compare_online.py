@@ -20,6 +20,13 @@ Improve step on dev; PPO and GRPO at each budget: training samples, test reward,
 `DIR/reward_vs_samples.png`. Training samples are the samples drawn for training (ReST: the
 Grows' samples, references not counted; online RL: rollout samples); evaluation decodes are not
 counted. Extra `--gin.` flags go to every run.
+
+With `--task=arithmetic_chain`: ReST-EM (`gin_configs/runs/rest_em_arithmetic_cpu.gin`, no
+controls; `--gin.grow.num_decodes=N` sets its E-step's samples per pool problem) in `rest_em/`
+(or `--rest_workdir`, a finished ReST-EM run) against GRPO (`gin_configs/runs/
+grpo_arithmetic_cpu.gin`; `--gin.online.` flags go to it alone) in `grpo/`, both with the binary
+verifier: a table of test / pool / dev pass@1 (greedy) and minutes against training samples
+(ReST-EM: its E-steps' samples), and `pass1_vs_samples.png`.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import make_docs  # scripts/: the table of report.md is the docs' table.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REST_GIN = 'gin_configs/runs/rest_libreoffice_de_en_cpu.gin'
 ONLINE_GIN = 'gin_configs/runs/ppo_libreoffice_de_en_cpu.gin'
+REST_EM_GIN = 'gin_configs/runs/rest_em_arithmetic_cpu.gin'
+GRPO_MATH_GIN = 'gin_configs/runs/grpo_arithmetic_cpu.gin'
 
 
 def _run(args: list[str]) -> None:
@@ -69,6 +78,19 @@ def rest_rows(report: dict) -> list[dict]:
   return rows
 
 
+def rest_em_rows(report: dict) -> list[dict]:
+  """The base model and every ReST-EM iteration; samples = the E-steps' samples so far,
+  wall_minutes = the loop's minutes so far (E-steps, verification, M-steps, evaluations)."""
+  rows, samples, minutes = [], 0, 0.0
+  for it in report['iterations']:
+    samples += it.get('samples_drawn') or 0
+    minutes += it.get('minutes') or 0.0
+    rows.append(dict(it, method='base' if it['iteration'] == 0 else
+                     f"ReST-EM iteration {it['iteration']}", samples=samples,
+                     wall_minutes=minutes))
+  return rows
+
+
 def online_rows(report: dict, name: str, budgets: list[int]) -> list[dict]:
   """The stage of each budget (the last one with at most that many samples)."""
   stages = [s for s in report['stages'] if s.get('samples_drawn')]
@@ -83,7 +105,7 @@ def online_rows(report: dict, name: str, budgets: list[int]) -> list[dict]:
   return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, math_task: bool = False) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -91,10 +113,13 @@ def plot(rows: list[dict], path: str) -> None:
   groups: dict[str, list[dict]] = {}
   for r in rows:
     groups.setdefault(r['method'].split(' ')[0], []).append(r)
-  bc = groups.pop('BC', [])
-  groups = {name: bc + rs for name, rs in groups.items()}  # Every method starts at BC.
-  for ax, key, label in zip(axes, ('test_reward', 'test_oracle', 'test_bleu'),
-                            ('test reward', 'test oracle (chrF+TER)', 'test BLEU')):
+  start = groups.pop('BC', []) + groups.pop('base', [])
+  groups = {name: start + rs for name, rs in groups.items()}  # Every method starts there.
+  panels = (('test_pass1', 'pool_pass1', 'dev_pass1'), ('test pass@1 (greedy)',
+            'pool pass@1 (greedy)', 'dev pass@1 (greedy)')) if math_task else (
+      ('test_reward', 'test_oracle', 'test_bleu'),
+      ('test reward', 'test oracle (chrF+TER)', 'test BLEU'))
+  for ax, key, label in zip(axes, *panels):
     for name, rs in groups.items():
       ax.plot([r['samples'] for r in rs], [r.get(key) for r in rs], 'o-', label=name)
     ax.set_xlabel('training samples drawn')
@@ -112,7 +137,11 @@ def main(argv=None) -> None:
   p.add_argument('--budgets', default='4096,8192')
   p.add_argument('--algorithms', default='ppo,grpo')
   p.add_argument('--rest_workdir', default=None, help='a finished ReST run to report instead')
+  p.add_argument('--task', default='libreoffice_help_de_en',
+                 choices=('libreoffice_help_de_en', 'arithmetic_chain'))
   args, extra = p.parse_known_args(argv)
+  if args.task == 'arithmetic_chain':
+    return main_math(args, extra, argv)
   budgets = sorted(int(b) for b in args.budgets.split(','))
   algorithms = [a for a in args.algorithms.split(',') if a]
   work = os.path.abspath(args.workdir)
@@ -142,6 +171,34 @@ def main(argv=None) -> None:
   with open(os.path.join(work, 'report.md'), 'w') as f:
     f.write(md)
   plot(rows, os.path.join(work, 'reward_vs_samples.png'))
+  print(md)
+
+
+def main_math(args, extra: list[str], argv) -> None:
+  """ReST-EM against GRPO on `arithmetic_chain` with the binary verifier (ReST-EM's reward)."""
+  budgets = sorted(int(b) for b in args.budgets.split(','))
+  work = os.path.abspath(args.workdir)
+  rest_dir = args.rest_workdir or os.path.join(work, 'rest_em')
+  em_extra = [a for a in extra if not a.startswith('--gin.online.')]
+  if not args.rest_workdir:
+    _run(['rest-em', f'--gin_file={REST_EM_GIN}', f'--workdir={rest_dir}',
+          '--gin.rest_em.controls=()'] + em_extra)
+  rows = rest_em_rows(_load(os.path.join(rest_dir, 'report.json')))
+  d = os.path.join(work, 'grpo')
+  _run(['online', f'--gin_file={GRPO_MATH_GIN}', f'--workdir={d}',
+        f'--gin.online.max_samples={budgets[-1]}',
+        f'--gin.online.eval_every_samples={math.gcd(*budgets)}']
+       + [a for a in extra if a.startswith('--gin.online.')])
+  rows += online_rows(_load(os.path.join(d, 'report.json')), 'GRPO', budgets)
+  out = dict(command=' '.join(['python', 'scripts/compare_online.py'] + (argv or sys.argv[1:])),
+             task=args.task, reward='verifier', budgets=budgets, rows=rows)
+  with open(os.path.join(work, 'report.json'), 'w') as f:
+    json.dump(out, f, indent=1, sort_keys=True)
+  md = (f'# ReST-EM vs GRPO at equal training samples\n\nCommand: `{out["command"]}`; the '
+        'binary verifier for both.\n\n' + make_docs.online_math_table(out) + '\n')
+  with open(os.path.join(work, 'report.md'), 'w') as f:
+    f.write(md)
+  plot(rows, os.path.join(work, 'pass1_vs_samples.png'), math_task=True)
   print(md)
 
 

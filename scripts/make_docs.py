@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REST = 'results/rest_main_cpu/report.json'
 REST_EM = 'results/rest_em_main_cpu/report.json'
 ONLINE = 'results/compare_online_rm_small/report.json'
+ONLINE_TINY = 'results/compare_online_rm_tiny/report.json'
 CONTROL_NAMES = {'sft_same_data': '(a) gold solutions of the same problems',
                  'unfiltered': '(b) every E-step sample, unverified',
                  'more_sft': '(c) more SFT on the gold set'}
@@ -172,11 +173,11 @@ def fault_soak() -> str:
           f'{r["date"]}.')
 
 
-def online_comparison() -> str:
+def online_comparison(path: str = ONLINE) -> str:
   """ReST vs PPO / GRPO at equal training samples (`scripts/compare_online.py`)."""
-  if not os.path.exists(os.path.join(ROOT, ONLINE)):
-    return f'(No comparison committed: `{ONLINE}` is written by `scripts/compare_online.py`.)'
-  return online_table(_load(ONLINE))
+  if not os.path.exists(os.path.join(ROOT, path)):
+    return f'(No comparison committed: `{path}` is written by `scripts/compare_online.py`.)'
+  return online_table(_load(path))
 
 
 def online_table(r: dict) -> str:
@@ -191,12 +192,22 @@ def online_table(r: dict) -> str:
                  'test chrF', 'wall minutes', 'alarm'], rows, right_from=1)
 
 
+def online_math_table(r: dict) -> str:
+  """The table of a `scripts/compare_online.py --task=arithmetic_chain` report."""
+  rows = [[row['method'], f"{row['samples']:,}", _f(row.get('test_pass1'), '.1f'),
+           _f(row.get('pool_pass1'), '.1f'), _f(row.get('dev_pass1'), '.1f'),
+           _f(row.get('wall_minutes'), '.1f')] for row in r['rows']]
+  return _table(['method', 'training samples', 'test pass@1', 'pool pass@1', 'dev pass@1',
+                 'wall minutes'], rows, right_from=1)
+
+
 BLOCKS = {'README.md': {'headline': headline},
           'docs/reliability.md': {'fault_soak': fault_soak},
           'docs/results.md': {'rest_em_iterations': rest_em_iterations,
                               'rest_em_buckets': rest_em_buckets, 'rest_stages': rest_stages,
                               'throughput': throughput,
-                              'online_comparison': online_comparison}}
+                              'online_comparison': online_comparison,
+                              'online_comparison_rm_tiny': lambda: online_comparison(ONLINE_TINY)}}
 
 
 def render(text: str, blocks: dict) -> str:

@@ -56,10 +56,15 @@ def gcs(monkeypatch, tmp_path):
                'NO_GCE_CHECK': 'true', 'REST_JAX_CACHE_DIR': str(tmp_path / 'local_cache')}.items():
     monkeypatch.setenv(k, v)
   import fsspec
+  from etils.epath import gpath
   fsspec.config.conf.setdefault('gs', {})['token'] = 'anon'
+  # epath caches its EPATH_USE_TF decision at the first URL it meets (another test's gs:// path).
+  clear = getattr(gpath._is_tf_installed, 'cache_clear', lambda: None)  # noqa: SLF001
+  clear()
   try:
     yield f'gs://{BUCKET}'
   finally:
+    clear()
     fsspec.config.conf.get('gs', {}).pop('token', None)
     import gcsfs
     gcsfs.GCSFileSystem.clear_instance_cache()
