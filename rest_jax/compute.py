@@ -331,8 +331,8 @@ def workload_from_gin(loop: str | None = None, num_sources: int | None = None) -
     except ValueError:
       return inspect.signature(fn).parameters[name].default
   if loop is None:
-    loop = ('online' if rest._bound('online.model')  # pylint: disable=protected-access
-            else 'rest_em' if rest._bound('rest_em.model') else 'rest')  # pylint: disable=protected-access
+    loop = ('online' if rest.is_bound('online.model')
+            else 'rest_em' if rest.is_bound('rest_em.model') else 'rest')
   if loop == 'online':
     return _online_workload(get)
   fn = rest_em.rest_em if loop == 'rest_em' else rest.rest

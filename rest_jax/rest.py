@@ -351,7 +351,7 @@ def rest(workdir: str,
                                         max_examples=dev_examples)
   test = input_pipeline.cached_task_data(task, 'test', inputs_length, targets_length, cache,
                                          max_examples=test_examples)
-  loss_name = gin.query_parameter('improve.loss') if _bound('improve.loss') else 'bc'
+  loss_name = gin.query_parameter('improve.loss') if is_bound('improve.loss') else 'bc'
   if rm_dir and (retrain_rm or reward != 'rm'):
     raise ValueError(f'rest.rm_dir={rm_dir!r} is a reward model to use as it is: it needs '
                      f"reward='rm' (not {reward!r}) and retrain_rm=False")
@@ -447,7 +447,8 @@ def rest(workdir: str,
   return report
 
 
-def _bound(name: str) -> bool:
+def is_bound(name: str) -> bool:
+  """Whether the gin config binds `name` (a `fn.param` or a `%MACRO`)."""
   try:
     gin.query_parameter(name)
     return True

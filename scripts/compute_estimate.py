@@ -36,24 +36,16 @@ def run(config: str, accelerator_names, mfu: float = 0.4, num_sources=None, bind
         gin.query_parameter('train_reward_model.config').scoped_configurable_fn())
   fn = compute.estimate
   if w['loop'] == 'online':
+    from rest_jax import rest
     fn = compute.estimate_online
     # The reward model's size from the config's RM_CONFIG (the RM it loads has that shape).
-    if w['online']['reward'] == 'rm' and _bound('%RM_CONFIG'):
+    if w['online']['reward'] == 'rm' and rest.is_bound('%RM_CONFIG'):
       config_ = gin.query_parameter('%RM_CONFIG').scoped_configurable_fn()
       rm_params = compute.reward_model_params(config_)
       w['online']['rm_max_len'] = config_.max_len
   return {'config': config, 'loop': w['loop'], 'task': w['task'],
           'estimates': {name: fn(w, shape, rm_params, accelerators.parse(name), mfu)
                         for name in accelerator_names}}
-
-
-def _bound(name: str) -> bool:
-  import gin
-  try:
-    gin.query_parameter(name)
-    return True
-  except ValueError:
-    return False
 
 
 def main(argv=None) -> None:

@@ -32,6 +32,7 @@ REST = 'results/rest_main_cpu/report.json'
 REST_EM = 'results/rest_em_main_cpu/report.json'
 ONLINE = 'results/compare_online_rm_small/report.json'
 ONLINE_TINY = 'results/compare_online_rm_tiny/report.json'
+ONLINE_MATH = 'results/compare_online_arithmetic/report.json'
 CONTROL_NAMES = {'sft_same_data': '(a) gold solutions of the same problems',
                  'unfiltered': '(b) every E-step sample, unverified',
                  'more_sft': '(c) more SFT on the gold set'}
@@ -123,11 +124,15 @@ def headline() -> str:
        f"control (a) same problems' gold solutions: {_f(a.get('test_pass1'))}; "
        f"maj@16 {_f(base['test_maj_at_k'].get('16'))} -> {_f(top['test_maj_at_k'].get('16'))}"],
   ]
-  if os.path.exists(os.path.join(ROOT, ONLINE)):
-    o = {row['method'].split(' @ ')[0].split(' (')[0]: row for row in _load(ONLINE)['rows']}
+  for path, rm in ((ONLINE, '`rm_small`'), (ONLINE_TINY, "the main job's `rm_tiny`")):
+    if not os.path.exists(os.path.join(ROOT, path)):
+      continue
+    r = _load(path)
+    o = {row['method'].split(' @ ')[0].split(' (')[0]: row for row in r['rows']}
     at = lambda m: (f"{_f(o[m]['test_reward'])} / {_f(o[m]['test_oracle'])} / "
-                    f"{_f(o[m]['test_bleu'])}")
-    rows.append(['ReST vs online RL, `libreoffice_help_de_en`, 8k samples, `rm_small` '
+                    f"{_f(o[m]['test_bleu'])}" + (' (alarm)' if o[m].get('name') in r[
+                        'alarms'].get(m.split(' ')[0], []) else ''))
+    rows.append([f'ReST vs online RL, `libreoffice_help_de_en`, 8k samples, {rm} '
                  '(`python scripts/compare_online.py`)', 'test reward / oracle / BLEU',
                  f"BC {at('BC')}", f"ReST G = 2 {at('ReST G = 2')}",
                  f"PPO {at('PPO')}; GRPO {at('GRPO')}"])
@@ -192,6 +197,14 @@ def online_table(r: dict) -> str:
                  'test chrF', 'wall minutes', 'alarm'], rows, right_from=1)
 
 
+def online_comparison_math() -> str:
+  """ReST-EM vs GRPO at equal training samples (`compare_online.py --task=arithmetic_chain`)."""
+  if not os.path.exists(os.path.join(ROOT, ONLINE_MATH)):
+    return (f'(No comparison committed: `{ONLINE_MATH}` is written by `scripts/compare_online.py '
+            '--task=arithmetic_chain`.)')
+  return online_math_table(_load(ONLINE_MATH))
+
+
 def online_math_table(r: dict) -> str:
   """The table of a `scripts/compare_online.py --task=arithmetic_chain` report."""
   rows = [[row['method'], f"{row['samples']:,}", _f(row.get('test_pass1'), '.1f'),
@@ -207,7 +220,8 @@ BLOCKS = {'README.md': {'headline': headline},
                               'rest_em_buckets': rest_em_buckets, 'rest_stages': rest_stages,
                               'throughput': throughput,
                               'online_comparison': online_comparison,
-                              'online_comparison_rm_tiny': lambda: online_comparison(ONLINE_TINY)}}
+                              'online_comparison_rm_tiny': lambda: online_comparison(ONLINE_TINY),
+                              'online_comparison_math': online_comparison_math}}
 
 
 def render(text: str, blocks: dict) -> str:

@@ -276,3 +276,25 @@ def test_rollout_advantages_ppo_and_grpo():
   np.testing.assert_allclose(grpo['advantages'][0], [1.0, 1.0, 0.0], rtol=1e-5)
   np.testing.assert_allclose(grpo['advantages'][1], [-1.0, 0.0, 0.0], rtol=1e-5)
   assert np.all(grpo['advantages'][2:] == 0.0)  # Source 1's two samples tie.
+
+
+def test_grpo_on_arithmetic_with_the_verifier_from_the_config(tmp_path):
+  """`rest-jax online` with `gin_configs/runs/grpo_arithmetic_cpu.gin` (shipped base model, binary
+  verifier), one rollout: the stages are pass@1 on dev, test and the first pool problems."""
+  from loop_utils import run
+  from rest_jax import fileio
+  w = str(tmp_path / 'grpo')
+  run(['online', '--gin_file=gin_configs/runs/grpo_arithmetic_cpu.gin', f'--workdir={w}',
+       '--gin.online.max_samples=64', '--gin.online.eval_every_samples=64',
+       '--gin.online.dev_examples=4', '--gin.online.test_examples=6',
+       '--gin.online.pool_eval_examples=5', '--gin.online.max_decode_len=48'])
+  rep = fileio.read_json(os.path.join(w, 'report.json'))
+  assert rep['algorithm'] == 'grpo' and rep['reward'] == 'verifier' and rep['samples_drawn'] == 64
+  assert [s['name'] for s in rep['stages']] == ['bc', 'grpo_64']
+  for s in rep['stages']:
+    assert (s['dev_problems'], s['test_problems'], s['pool_problems']) == (4, 6, 5)
+    assert s['eval_decodes'] == 15 and s['test_reward'] == s['test_pass1']
+    for split, n in (('dev', 4), ('test', 6), ('pool', 5)):
+      assert round(s[f'{split}_pass1'] * n / 100) * 100 / n == pytest.approx(s[f'{split}_pass1'])
+  outputs = os.path.join(w, 'eval', 'bc', 'pool_outputs.jsonl')
+  assert len(open(outputs).read().splitlines()) == 5
