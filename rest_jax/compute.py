@@ -242,7 +242,12 @@ def estimate(w: Mapping[str, Any], m: ModelShape, rm_params: int | None,
     eval_s += decode_seconds(m, acc, e['sampled_examples'], EVAL_BATCH_ROWS, e['samples'], src,
                              e['max_decode_len'], mfu)['seconds']
   stages.append(_stage('evaluation', e['stages'], eval_s))
-  total = sum(s['hours_total'] for s in stages)
+  return _result(stages, m, rm_params, acc, mfu)
+
+
+def _result(stages: list[dict], m: ModelShape, rm_params: int | None,
+            acc: accelerators.Accelerator, mfu: float) -> dict[str, Any]:
+  """An estimate's dict: the chip, the assumptions, the param counts, the stages and their sum."""
   return {
       'accelerator': acc.to_json(),
       'chip': dataclasses.asdict(acc.chip),
@@ -251,7 +256,7 @@ def estimate(w: Mapping[str, Any], m: ModelShape, rm_params: int | None,
       'params': {'policy_total': m.total_params, 'policy_encoder': m.encoder_params,
                  'policy_decoder': m.decoder_params, 'policy_embedding': m.embedding_params,
                  'reward_model': rm_params},
-      'stages': stages, 'hours_total': total,
+      'stages': stages, 'hours_total': sum(s['hours_total'] for s in stages),
   }
 
 
@@ -289,15 +294,7 @@ def estimate_online(w: Mapping[str, Any], m: ModelShape, rm_params: int | None,
   stages.append(_stage('evaluation', evals, sum(
       decode_seconds(m, acc, k, EVAL_BATCH_ROWS, 1, src, tgt, mfu)['seconds']
       for k in (o['dev_examples'], o['test_examples']))))
-  return {
-      'accelerator': acc.to_json(), 'chip': dataclasses.asdict(acc.chip),
-      'assumptions': {'mfu_training': mfu, 'sampling': 'HBM-bandwidth-bound roofline',
-                      'eval_batch_rows': EVAL_BATCH_ROWS},
-      'params': {'policy_total': m.total_params, 'policy_encoder': m.encoder_params,
-                 'policy_decoder': m.decoder_params, 'policy_embedding': m.embedding_params,
-                 'reward_model': rm_params},
-      'stages': stages, 'hours_total': sum(s['hours_total'] for s in stages),
-  }
+  return _result(stages, m, rm_params, acc, mfu)
 
 
 def _online_workload(get) -> dict[str, Any]:
@@ -399,7 +396,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     detail = ', '.join(f'{k} {s[k]:,}' if isinstance(s[k], int) and not isinstance(s[k], bool)
                        else f'{k} {s[k]}' for k in keys if k in s)
     each = s['seconds_each'] / 60
-    lines.append(f"| {s['stage']} | {s['count']:,} | {each:.1f}{'' if each >= 0.1 else f' ({each * 60:.2g} s)'} | "
-                 f"{s['hours_total']:.2f} | {detail} |")
+    each_text = f'{each:.1f}' + ('' if each >= 0.1 else f' ({each * 60:.2g} s)')
+    lines.append(f"| {s['stage']} | {s['count']:,} | {each_text} | {s['hours_total']:.2f} | "
+                 f"{detail} |")
   lines.append(f"| **total** | | | **{result['hours_total']:.2f}** | |")
   return '\n'.join(lines)

@@ -394,7 +394,8 @@ def online(workdir: str,
     stage = dict({k: None for k in report_lib.STAGE_KEYS}, **ev, name=name, loss=algorithm,
                  samples_drawn=drawn, rollouts=r, updates=int(jax.device_get(s.train.step)),
                  train_reward=last.get('reward'), train_kl=last.get('kl'),
-                 kl_coef=float(jax.device_get(s.kl.value)), eval_decodes=len(dev) + len(test) + pool_n,
+                 kl_coef=float(jax.device_get(s.kl.value)),
+                 eval_decodes=len(dev) + len(test) + pool_n,
                  minutes=minutes())
     stages.append(stage)
     if writer:

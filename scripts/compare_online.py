@@ -161,16 +161,24 @@ def main(argv=None) -> None:
     report = _load(os.path.join(d, 'report.json'))
     rows += online_rows(report, algo.upper(), budgets)
     alarms[algo.upper()] = {a['stage'] for a in report.get('alarms', [])}
-  out = dict(command=' '.join(['python', 'scripts/compare_online.py'] + (argv or sys.argv[1:])),
-             rm_dir=args.rm_dir, budgets=budgets, rows=rows,
+  out = dict(command=_command(argv), rm_dir=args.rm_dir, budgets=budgets, rows=rows,
              alarms={k: sorted(v) for k, v in alarms.items()})
+  _write_outputs(work, out, f'# ReST vs online RL at equal training samples\n\nCommand: '
+                 f'`{out["command"]}`; reward model `{args.rm_dir}` for every method.\n\n'
+                 + make_docs.online_table(out) + '\n', 'reward_vs_samples.png')
+
+
+def _command(argv) -> str:
+  return ' '.join(['python', 'scripts/compare_online.py'] + (argv or sys.argv[1:]))
+
+
+def _write_outputs(work: str, out: dict, md: str, png: str, math_task: bool = False) -> None:
+  """`work`/report.json (`out`), report.md (`md`, also printed) and the plot `png` of out's rows."""
   with open(os.path.join(work, 'report.json'), 'w') as f:
     json.dump(out, f, indent=1, sort_keys=True)
-  md = (f'# ReST vs online RL at equal training samples\n\nCommand: `{out["command"]}`; reward '
-        f'model `{args.rm_dir}` for every method.\n\n' + make_docs.online_table(out) + '\n')
   with open(os.path.join(work, 'report.md'), 'w') as f:
     f.write(md)
-  plot(rows, os.path.join(work, 'reward_vs_samples.png'))
+  plot(out['rows'], os.path.join(work, png), math_task=math_task)
   print(md)
 
 
@@ -190,16 +198,12 @@ def main_math(args, extra: list[str], argv) -> None:
         f'--gin.online.eval_every_samples={math.gcd(*budgets)}']
        + [a for a in extra if a.startswith('--gin.online.')])
   rows += online_rows(_load(os.path.join(d, 'report.json')), 'GRPO', budgets)
-  out = dict(command=' '.join(['python', 'scripts/compare_online.py'] + (argv or sys.argv[1:])),
-             task=args.task, reward='verifier', budgets=budgets, rows=rows)
-  with open(os.path.join(work, 'report.json'), 'w') as f:
-    json.dump(out, f, indent=1, sort_keys=True)
-  md = (f'# ReST-EM vs GRPO at equal training samples\n\nCommand: `{out["command"]}`; the '
-        'binary verifier for both.\n\n' + make_docs.online_math_table(out) + '\n')
-  with open(os.path.join(work, 'report.md'), 'w') as f:
-    f.write(md)
-  plot(rows, os.path.join(work, 'pass1_vs_samples.png'), math_task=True)
-  print(md)
+  out = dict(command=_command(argv), task=args.task, reward='verifier', budgets=budgets,
+             rows=rows)
+  _write_outputs(work, out, f'# ReST-EM vs GRPO at equal training samples\n\nCommand: '
+                 f'`{out["command"]}`; the binary verifier for both.\n\n'
+                 + make_docs.online_math_table(out) + '\n', 'pass1_vs_samples.png',
+                 math_task=True)
 
 
 if __name__ == '__main__':

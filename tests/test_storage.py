@@ -20,15 +20,10 @@ import pytest
 from rest_jax import fileio
 
 from loop_utils import run, strip
+from test_multihost import _free_port
 from test_rest import TIMING_KEYS, TINY
 
 BUCKET = 'rest-jax-test'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,7 +46,7 @@ def gcs(monkeypatch, tmp_path):
       time.sleep(0.2)
   url = f'http://127.0.0.1:{port}'
   for k, v in {'EPATH_USE_TF': 'false', 'STORAGE_EMULATOR_HOST': url,
-               'FSSPEC_GS_TOKEN': 'anon', 'TENSORSTORE_GCS_HTTP_URL': url,
+               'TENSORSTORE_GCS_HTTP_URL': url,
                'GCE_METADATA_HOST': '127.0.0.1:1', 'GCE_METADATA_ROOT': '127.0.0.1:1',
                'NO_GCE_CHECK': 'true', 'REST_JAX_CACHE_DIR': str(tmp_path / 'local_cache')}.items():
     monkeypatch.setenv(k, v)
