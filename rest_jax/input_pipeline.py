@@ -138,15 +138,22 @@ def check_policy_vocab(policy: str, task_name: str) -> dict[str, Any] | None:
 
 
 def detokenizer(task_name: str) -> Callable[[Sequence[int]], str]:
-  """`ids -> text` with plain sentencepiece (stops at EOS = 1, skips PAD = 0)."""
+  """`ids -> text` with plain sentencepiece (stops at EOS = 1, skips PAD = 0).
+
+  Ids at or past the SentencePiece model's piece count (a model's embedding is often padded past
+  it, e.g. 32 rows for the 29 math pieces, and a policy sampled at temperature 1 can emit them)
+  decode as UNK, rendered ' ⁇ ', as `seqio.SentencePieceVocabulary` does: never an error, and a
+  verifier cannot read a number through them.
+  """
   vocab = get_vocabulary(task_name)
   proc = vocab.tokenizer
+  piece_size, unk_id = proc.get_piece_size(), proc.unk_id()
 
   def detok(ids):
     ids = [int(i) for i in ids]
     if 1 in ids:
       ids = ids[:ids.index(1)]
-    return proc.decode([i for i in ids if i > 1])
+    return proc.decode([i if i < piece_size else unk_id for i in ids if i > 1])
 
   return detok
 

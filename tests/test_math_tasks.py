@@ -165,6 +165,21 @@ def test_seqio_task_yields_expected_features():
   assert detok(data.arrays['decoder_target_tokens'][5]) == gold[5].targets
 
 
+def test_ids_past_the_pieces_decode_as_unk_and_fail_the_verifier():
+  # The math model's embedding has 32 rows for 29 pieces; GRPO at temperature 1 sampled ids
+  # 29-31 and the detokenizer raised 'piece id is out of range'.
+  from rest_jax import input_pipeline
+  from rest_jax.rewards import verifiers
+  proc = spm.SentencePieceProcessor(model_file=math_tasks.arithmetic_vocab_path())
+  detok = input_pipeline.detokenizer('arithmetic_chain')
+  assert proc.get_piece_size() == 29
+  good = proc.encode('#### 12')
+  assert detok(good + [1, 30]) == '#### 12'  # Past EOS: never decoded.
+  text = detok(good[:-1] + [31] + [1])
+  assert '\u2047' in text and verifiers.verify(text, '12').reward == 0.0
+  assert verifiers.verify(detok(good), '12').reward == 1.0
+
+
 @pytest.fixture
 def gsm8k_dir(tmp_path, monkeypatch):
   data_dir = tmp_path / 'gsm8k'
