@@ -113,9 +113,7 @@ class RestJaxSide:
     bn = self.enc.shape[0] * a.num_decodes
     init_cache = jax.jit(lambda p, e: self.model.init_decode_cache(p, e, a.new_tokens))
     cache = init_cache(self.params, self.enc)
-    cache = jax.tree_util.tree_map(
-        lambda x: x if jnp.ndim(x) == 0 else decoding.flat_batch_beam_expand(x, a.num_decodes),
-        cache)
+    cache = decoding.expand_cache(cache, a.num_decodes)
     # The step's cost does not depend on the position: self-attention reads (and masks) the
     # whole [max_decode_len] KV buffer at every step, so any cache_index is representative.
     # The cache is donated, as in the while loop where each step updates it in place: without

@@ -15,9 +15,17 @@ Conventions
   ``(logits [batch * N, vocab] float32, new_cache)``. At ``cur_index == i`` the
   callback is fed ``cur_token`` (the token at position ``i - 1``, or the start
   token 0 when ``i == 0``) and its logits predict the token at position ``i``.
-* Cache leaves have a leading ``batch * N`` dimension. Scalar (0-d) leaves, such
-  as a shared ``cache_index``, are passed through untouched by expansion and
-  beam re-ordering.
+* The cache contract. Leaves have a leading ``batch`` dimension when they reach a
+  decoding function, which expands them to ``batch * N`` (:func:`expand_cache`) and,
+  in beam search, re-orders them with the surviving beams at every step. Two kinds of
+  leaves are passed through untouched by both:
+    - scalar (0-d) leaves, such as a shared ``cache_index``;
+    - leaves whose name starts with ``SHARED_PREFIX`` ('shared_'): per-source state
+      that every sample / beam of a source reads and none writes (the model's
+      cross-attention keys / values and source mask). They keep their leading
+      ``batch`` dimension, and the callback must read row ``b`` of them for rows
+      ``b * N .. b * N + N - 1`` of everything else. Re-ordering beams never moves a
+      beam to another source, so beam search needs no gather of them.
 * All log-probabilities are natural logs (nats).
 
 Only jax, flax.struct and numpy are imported (no TensorFlow).
@@ -44,7 +52,7 @@ class DecodingState:
   cur_index: jnp.ndarray  # [] int32, position being decoded (0-based)
   sequences: jnp.ndarray  # [batch * num_decodes, max_decode_len] int32, tokens so far (0-padded)
   cur_token: jnp.ndarray  # [batch * num_decodes] int32, token fed at this step (0 = start at index 0)
-  cache: Any  # pytree, leading dim batch * num_decodes
+  cache: Any  # pytree, leading dim batch * num_decodes ('shared_' leaves: batch)
 
 
 TokensToLogits = Callable[[DecodingState], Tuple[jnp.ndarray, Any]]
@@ -95,9 +103,26 @@ def flatten_beam_dim(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.reshape(x, (x.shape[0] * x.shape[1],) + tuple(x.shape[2:]))
 
 
+SHARED_PREFIX = 'shared_'  # Cache leaves read by all N rows of a source (module docstring).
+
+
+def _leaf_name(path) -> str:
+  last = path[-1] if path else None
+  name = getattr(last, 'key', getattr(last, 'name', None))
+  return name if isinstance(name, str) else ''
+
+
 def _cache_map(fn, cache):
-  """Applies ``fn`` to every cache leaf that has a leading (batch) dim."""
-  return jax.tree_util.tree_map(lambda x: x if jnp.ndim(x) == 0 else fn(x), cache)
+  """Applies ``fn`` to every per-row cache leaf: not 0-d, name not starting with 'shared_'."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if jnp.ndim(x) == 0 or _leaf_name(path).startswith(SHARED_PREFIX)
+      else fn(x), cache)
+
+
+def expand_cache(cache: Any, n: int) -> Any:
+  """A cache with leading dim ``batch`` -> the one decoding runs on: per-row leaves
+  ``[batch * n, ...]`` (:func:`flat_batch_beam_expand`), 'shared_' and 0-d leaves as they are."""
+  return _cache_map(lambda x: flat_batch_beam_expand(x, n), cache)
 
 
 def _gather_beams(x: jnp.ndarray, beam_idx: jnp.ndarray) -> jnp.ndarray:
@@ -307,7 +332,7 @@ class _SampleLoopState:
   cur_index: jnp.ndarray  # [] int32, position being decoded
   sequences: jnp.ndarray  # [B*N, L] int32, emitted tokens (0 after EOS / not yet)
   cur_token: jnp.ndarray  # [B*N] int32, token fed at cur_index
-  cache: Any  # pytree, leading dim B*N
+  cache: Any  # pytree, leading dim B*N ('shared_' leaves: B)
   ended: jnp.ndarray  # [B*N] bool, row has emitted EOS
   lengths: jnp.ndarray  # [B*N] int32, tokens emitted incl. EOS
   token_logprobs: jnp.ndarray  # [B*N, L] f32, nats, sampling distribution
@@ -357,7 +382,7 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
 
   Args:
     cache: pytree with leading dim ``batch_size`` (expanded here to
-      ``batch_size * num_decodes`` with :func:`flat_batch_beam_expand`).
+      ``batch_size * num_decodes`` with :func:`expand_cache`).
     tokens_to_logits: callback, see module docstring.
     batch_size: number of sources B.
     max_decode_len: L, max tokens per sample (incl. EOS).
@@ -387,7 +412,7 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
     uniforms = lambda step: jnp.zeros((bn,), jnp.float32)
   else:
     uniforms = _make_uniform_fn(rng, batch_size, num_decodes)
-  cache = _cache_map(lambda x: flat_batch_beam_expand(x, num_decodes), cache)
+  cache = expand_cache(cache, num_decodes)
 
   init = _SampleLoopState(
       cur_index=jnp.zeros((), jnp.int32),
@@ -461,7 +486,7 @@ class _BeamState:
   finished_logprobs: jnp.ndarray  # [B, K] f32, nats, raw
   finished_seqs: jnp.ndarray  # [B, K, L] int32, ending in EOS, 0 after
   finished_lengths: jnp.ndarray  # [B, K] int32, tokens incl. EOS
-  cache: Any  # pytree, leading dim B*K, aligned with live beams
+  cache: Any  # pytree, leading dim B*K, aligned with live beams ('shared_' leaves: B)
 
 
 def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
@@ -479,7 +504,8 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
   (length-L, EOS-less) beams, ranked after all finished ones.
 
   Args:
-    cache: pytree with leading dim ``batch_size`` (expanded to B*K here).
+    cache: pytree with leading dim ``batch_size`` (expanded to B*K here with
+      :func:`expand_cache`; 'shared_' leaves stay [B, ...] and are never gathered).
     tokens_to_logits: callback, see module docstring.
     batch_size, max_decode_len, eos_id: as in :func:`temperature_sample`.
     beam_size: K; needs vocab >= 2K.
@@ -489,7 +515,7 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
     :class:`BeamOutput`, beams best first.
   """
   B, K, L = batch_size, beam_size, max_decode_len
-  cache = _cache_map(lambda x: flat_batch_beam_expand(x, K), cache)
+  cache = expand_cache(cache, K)
   init = _BeamState(
       cur_index=jnp.zeros((), jnp.int32),
       # Only beam 0 is alive initially, so the K beams don't duplicate.

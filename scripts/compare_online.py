@@ -24,8 +24,8 @@ counted. Extra `--gin.` flags go to every run.
 With `--task=arithmetic_chain`: ReST-EM (`gin_configs/runs/rest_em_arithmetic_cpu.gin`, no
 controls; `--gin.grow.num_decodes=N` sets its E-step's samples per pool problem) in `rest_em/`
 (or `--rest_workdir`, a finished ReST-EM run) against GRPO (`gin_configs/runs/
-grpo_arithmetic_cpu.gin`; `--gin.online.` flags go to it alone) in `grpo/`, both with the binary
-verifier: a table of test / pool / dev pass@1 (greedy) and minutes against training samples
+grpo_arithmetic_cpu.gin`; `--gin.online.` flags go to it alone) in `grpo/`, both with ReST-EM's
+binary verifier (its report's `reward`, 'verifier_steps' in its config): a table of test / pool / dev pass@1 (greedy) and minutes against training samples
 (ReST-EM: its E-steps' samples), and `pass1_vs_samples.png`.
 """
 
@@ -191,17 +191,22 @@ def main_math(args, extra: list[str], argv) -> None:
   if not args.rest_workdir:
     _run(['rest-em', f'--gin_file={REST_EM_GIN}', f'--workdir={rest_dir}',
           '--gin.rest_em.controls=()'] + em_extra)
-  rows = rest_em_rows(_load(os.path.join(rest_dir, 'report.json')))
+  rest_em_report = _load(os.path.join(rest_dir, 'report.json'))
+  rows = rest_em_rows(rest_em_report)
+  reward = rest_em_report['reward']  # GRPO trains on (and is evaluated with) the same verifier.
   d = os.path.join(work, 'grpo')
   _run(['online', f'--gin_file={GRPO_MATH_GIN}', f'--workdir={d}',
-        f'--gin.online.max_samples={budgets[-1]}',
+        f"--gin.online.reward='{reward}'", f'--gin.online.max_samples={budgets[-1]}',
         f'--gin.online.eval_every_samples={math.gcd(*budgets)}']
        + [a for a in extra if a.startswith('--gin.online.')])
-  rows += online_rows(_load(os.path.join(d, 'report.json')), 'GRPO', budgets)
-  out = dict(command=_command(argv), task=args.task, reward='verifier', budgets=budgets,
-             rows=rows)
+  grpo_report = _load(os.path.join(d, 'report.json'))
+  if grpo_report['reward'] != reward:
+    raise ValueError(f"GRPO ran with reward {grpo_report['reward']!r}, ReST-EM with {reward!r}: "
+                     'pass@1 would be measured by two verifiers')
+  rows += online_rows(grpo_report, 'GRPO', budgets)
+  out = dict(command=_command(argv), task=args.task, reward=reward, budgets=budgets, rows=rows)
   _write_outputs(work, out, f'# ReST-EM vs GRPO at equal training samples\n\nCommand: '
-                 f'`{out["command"]}`; the binary verifier for both.\n\n'
+                 f'`{out["command"]}`; the binary verifier `{reward}` for both.\n\n'
                  + make_docs.online_math_table(out) + '\n', 'pass1_vs_samples.png',
                  math_task=True)
 

@@ -321,6 +321,35 @@ def test_single_key_deterministic_and_cache_expanded():
   np.testing.assert_array_equal(g.tokens[:, :, 0], [[2, 2, 2], [6, 6, 6]])
 
 
+def test_shared_cache_leaves_are_neither_expanded_nor_gathered():
+  """'shared_' leaves reach the callback with their [batch] rows, per-row leaves as [batch * N];
+  a callback reading source b's shared row for rows b*N..b*N+N-1 decodes each source's rows
+  from its own source (sampling and beam search)."""
+  cache = {'shared_source': jnp.array([[0], [4]], jnp.int32),
+           'rows': jnp.zeros((2, 1), jnp.int32), 'step': jnp.zeros((), jnp.int32)}
+  table = np.zeros((8, 9), np.float32)
+  seen = {}
+
+  def by_shared_source(state):
+    shared, rows = state.cache['shared_source'], state.cache['rows']
+    seen.update(shared=shared.shape, rows=rows.shape)
+    sid = jnp.repeat(shared[:, 0], rows.shape[0] // shared.shape[0])
+    logits = jnp.asarray(table)[state.cur_token] + 10.0 * jax.nn.one_hot(sid + 2, 9)
+    return logits, dict(state.cache, rows=rows + 1)
+
+  g = _jit_sample(by_shared_source, batch_size=2, max_decode_len=2, eos_id=EOS, num_decodes=3,
+                  temperature=0.0)(cache, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(g.tokens[:, :, 0], [[2, 2, 2], [6, 6, 6]])
+  assert seen == {'shared': (2, 1), 'rows': (6, 1)}
+  b = jax.jit(lambda c: decoding.beam_search(c, by_shared_source, batch_size=2,
+                                             max_decode_len=2, eos_id=EOS, beam_size=4))(cache)
+  np.testing.assert_array_equal(b.tokens[:, 0, 0], [2, 6])
+  assert seen == {'shared': (2, 1), 'rows': (8, 1)}
+  expanded = decoding.expand_cache(cache, 5)
+  assert jax.tree.map(jnp.shape, expanded) == {'shared_source': (2, 1), 'rows': (10, 1),
+                                               'step': ()}
+
+
 def test_beam_search_beats_greedy_on_trap():
   fn = markov_fn(TRAP_LOGITS)
   out = jax.jit(lambda c: decoding.beam_search(

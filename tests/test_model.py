@@ -69,7 +69,7 @@ def test_incremental_decode_matches_teacher_forcing():
   # Cross-attention K/V are computed once and stored in the cache.
   layer_cache = cache['decoder']['layers_0']
   # Heads-major layout [batch, heads, length, kv].
-  assert layer_cache['encoder_decoder_attention']['cached_key'].shape == (4, 2, 7, 8)
+  assert layer_cache['encoder_decoder_attention']['shared_key'].shape == (4, 2, 7, 8)
   assert layer_cache['self_attention']['cached_key'].shape == (4, 2, tgt_len, 8)
   step = jit(MODEL.decode_step)
   cross_before = jax.tree.map(np.asarray, cache['decoder']['layers_1'][
@@ -293,6 +293,38 @@ def test_predict_batch_greedy_sample_beam():
   np.testing.assert_allclose(aux['logprobs'], rescore(tokens, aux['lengths']),
                              atol=1e-4)
   assert np.all(np.diff(np.asarray(aux['scores']), axis=1) <= 1e-6)  # best first
+
+
+def test_shared_cross_attention_cache_equals_the_tiled_one(monkeypatch):
+  """The N samples / beams of a source read one copy of its cross-attention K/V ('shared_'
+  cache leaves); tiling those leaves N times (the former layout, N = 1 per key row) must give
+  the same tokens, and log-probs within 1e-5, for sampling and for beam search."""
+  from rest_jax import decoding
+  batch = make_batch(8)
+  cache = MODEL.init_decode_cache(PARAMS, batch['encoder_input_tokens'], 6)
+  expanded = decoding.expand_cache(cache, 3)
+  layer = expanded['decoder']['layers_0']
+  assert layer['encoder_decoder_attention']['shared_key'].shape == (4, 2, 7, 8)
+  assert layer['self_attention']['cached_key'].shape == (12, 2, 6, 8)
+  assert expanded['decoder']['shared_encoder_mask'].shape == (4, 7)
+
+  def run():  # A fresh function each time, so that tracing reads the patched prefix.
+    f = jit(lambda p, b, r, method: MODEL.predict_batch(
+        p, b, r, method=method, num_decodes=3, max_decode_len=6), static_argnames='method')
+    return f(PARAMS, batch, jax.random.PRNGKey(3), 'sample'), f(PARAMS, batch, None, 'beam')
+
+  shared = run()
+  monkeypatch.setattr(decoding, 'SHARED_PREFIX', 'no cache leaf is named like this')
+  tiled_layer = decoding.expand_cache(cache, 3)['decoder']['layers_0']
+  assert tiled_layer['encoder_decoder_attention']['shared_key'].shape == (12, 2, 7, 8)
+  tiled = run()
+  for (a_tokens, a_aux), (b_tokens, b_aux) in zip(shared, tiled):
+    np.testing.assert_array_equal(a_tokens, b_tokens)
+    np.testing.assert_allclose(a_aux['logprobs'], b_aux['logprobs'], atol=1e-5)
+  np.testing.assert_allclose(shared[0][1]['token_logprobs_policy'],
+                             tiled[0][1]['token_logprobs_policy'], atol=1e-5)
+  np.testing.assert_allclose(shared[1][1]['scores'], tiled[1][1]['scores'], atol=1e-5)
+  assert len({tuple(np.asarray(t)) for t in shared[0][0].reshape(12, 6)}) > 4  # Real samples.
 
 
 def test_bfloat16_compute():

@@ -289,7 +289,7 @@ def test_grpo_on_arithmetic_with_the_verifier_from_the_config(tmp_path):
        '--gin.online.dev_examples=4', '--gin.online.test_examples=6',
        '--gin.online.pool_eval_examples=5', '--gin.online.max_decode_len=48'])
   rep = fileio.read_json(os.path.join(w, 'report.json'))
-  assert rep['algorithm'] == 'grpo' and rep['reward'] == 'verifier' and rep['samples_drawn'] == 64
+  assert rep['algorithm'] == 'grpo' and rep['reward'] == 'verifier_steps' and rep['samples_drawn'] == 64
   assert [s['name'] for s in rep['stages']] == ['bc', 'grpo_64']
   for s in rep['stages']:
     assert (s['dev_problems'], s['test_problems'], s['pool_problems']) == (4, 6, 5)

@@ -74,7 +74,8 @@ class PolicyModel(BaseModel):
   @abc.abstractmethod
   def init_decode_cache(self, params: PyTree, encoder_input_tokens: Array,
                         max_decode_len: int) -> PyTree:
-    """The decoding cache of a batch of sources."""
+    """The decoding cache of a batch of sources, leading dim batch, in `decoding.py`'s cache
+    contract (per-row leaves are expanded / gathered, 'shared_' and 0-d leaves are not)."""
 
   @abc.abstractmethod
   def make_tokens_to_logits(self, params: PyTree) -> Callable:

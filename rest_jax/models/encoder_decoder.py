@@ -222,8 +222,11 @@ class EncoderDecoderModel(base.PolicyModel):
 
     Runs the encoder once and a cache-creating decoder call on a [batch, 1] dummy
     input: self-attention K/V buffers [batch, heads, max_decode_len, kv] (zeros),
-    cross-attention K/V of the source projected once, ``cache_index`` = 0 [] (shared),
-    ``encoder_mask`` [batch, src_len].
+    cross-attention K/V of the source projected once ('shared_key' / 'shared_value'
+    [batch, heads, src_len, kv]), ``cache_index`` = 0 [] (shared), ``shared_encoder_mask``
+    [batch, src_len]. A decoding function expands it to N rows per source with
+    ``decoding.expand_cache``, which leaves the 'shared_' leaves at one copy per source
+    (the cache contract: ``transformer`` module docstring).
     """
     encoded = self.module.apply({'params': params}, encoder_input_tokens,
                                 method=Transformer.encode)

@@ -28,16 +28,21 @@ Incremental decoding (``decode=True``), t5x style, in the flax ``'cache'`` colle
   cache = {'decoder': {
       'cache_index':  [] int32  next position to write (== position of the token fed in
                       this call; used for the sinusoidal position too), shared by all rows,
-      'encoder_mask': [batch, src_len] bool, source tokens != PAD,
+      'shared_encoder_mask': [sources, src_len] bool, source tokens != PAD,
       'layers_i': {
           'self_attention':          {'cached_key', 'cached_value'}:
-                                     [batch, heads, max_decode_len, kv] (dtype),
-          'encoder_decoder_attention': {'cached_key', 'cached_value'}:
-                                     [batch, heads, src_len, kv] (dtype),
+                                     [rows, heads, max_decode_len, kv] (dtype),
+          'encoder_decoder_attention': {'shared_key', 'shared_value'}:
+                                     [sources, heads, src_len, kv] (dtype),
       }}}
-Every other cache leaf has a leading batch dimension, so a decoding library may
-expand/gather the cache tree along axis 0 (beam search, multiple samples per input)
-and leave the 0-d ``cache_index`` alone. All rows decode in lockstep, so one index
+This is ``decoding.py``'s cache contract: a decoding library expands (and, for beam
+search, gathers) the per-row leaves along axis 0 to ``rows = sources * N`` (row
+``s * N + j`` is sample or beam ``j`` of source ``s``), leaves the 0-d ``cache_index``
+alone, and never copies the 'shared_' leaves: the N rows of a source read one copy of its
+cross-attention keys / values, their N queries stacked into one [N, kv] x [kv, src_len]
+GEMM per (source, head) instead of N matrix-vector products over N tiled copies (N is
+``rows // sources``, read from the shapes; a cache whose 'shared_' leaves were tiled to
+``rows`` too, N = 1, gives the same result). All rows decode in lockstep, so one index
 serves them all and each step writes its keys/values with one in-place
 ``dynamic_update_slice`` (a per-row index would rewrite the whole [batch,
 max_decode_len] buffer with a select at every step). The cross-attention keys/values of the encoded source are
@@ -215,18 +220,28 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
 
   Args:
     q: [batch, q_len, heads, kv] queries, already scaled by 1/sqrt(kv).
-    k, v: [batch, kv_len, heads, kv], or [batch, heads, kv_len, kv] with `heads_major` (the
+    k, v: [batch, kv_len, heads, kv], or [groups, heads, kv_len, kv] with `heads_major` (the
       layout of the decoding cache: both einsums are then plain batched GEMMs over
-      (batch, heads) with no transpose of the cache; with the cache in [batch, kv_len, ...]
+      (groups, heads) with no transpose of the cache; with the cache in [batch, kv_len, ...]
       XLA's CPU backend re-laid it out at every step, ~70% of a `tiny` decode step).
-    mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = attend.
+      `groups` is `batch` (self-attention) or, with `q_len` 1, a divisor of it: query rows
+      g * N .. g * N + N - 1 all attend to keys g (the samples of one source reading its
+      shared cross-attention cache, N = batch // groups).
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len] ([groups, heads, N, kv_len]
+      when keys are shared); True = attend.
     dropout_fn: optional dropout applied to the attention probabilities.
     heads_major: the layout of k and v, see above.
   Returns:
     [batch, q_len, heads, kv] in q.dtype.
   """
   if heads_major:
-    logits = jnp.einsum('bhqd,bhkd->bhqk', jnp.swapaxes(q, 1, 2), k)
+    batch, q_len, heads, kv = q.shape
+    groups = k.shape[0]
+    if groups != batch and (q_len != 1 or batch % groups):
+      raise ValueError(f'{batch} query rows of length {q_len} cannot share keys of {groups} rows')
+    # [groups, heads, N * q_len, kv]: N == 1 unless the keys are shared.
+    qg = jnp.swapaxes(q.reshape(groups, batch // groups * q_len, heads, kv), 1, 2)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', qg, k)
   else:
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
   logits = jnp.where(mask, logits.astype(jnp.float32), _NEG_INF)
@@ -234,7 +249,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
   if dropout_fn is not None:
     probs = dropout_fn(probs)
   if heads_major:
-    return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
+    out = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
+    return out.reshape(q.shape)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -288,16 +304,17 @@ class MultiHeadAttention(nn.Module):
 
     if self.is_cross:
       if decode:
-        initialized = self.has_variable('cache', 'cached_key')
+        # Per source, read by its N rows (module docstring): never expanded or gathered.
+        initialized = self.has_variable('cache', 'shared_key')
         if initialized:
-          k = self.variable('cache', 'cached_key', None).value
-          v = self.variable('cache', 'cached_value', None).value
+          k = self.variable('cache', 'shared_key', None).value
+          v = self.variable('cache', 'shared_value', None).value
           heads_major = True
         else:
           k = self._proj('key', kv_inputs)
           v = self._proj('value', kv_inputs)
-          self.variable('cache', 'cached_key', lambda: to_heads_major(k))
-          self.variable('cache', 'cached_value', lambda: to_heads_major(v))
+          self.variable('cache', 'shared_key', lambda: to_heads_major(k))
+          self.variable('cache', 'shared_value', lambda: to_heads_major(v))
       else:
         k = self._proj('key', kv_inputs)
         v = self._proj('value', kv_inputs)
@@ -450,7 +467,7 @@ class Decoder(nn.Module):
       cache_ready = self.has_variable('cache', 'cache_index')
       if cache_ready:
         index_var = self.variable('cache', 'cache_index', None)
-        enc_mask_var = self.variable('cache', 'encoder_mask', None)
+        enc_mask_var = self.variable('cache', 'shared_encoder_mask', None)
         decode_index = index_var.value
         encoder_mask = enc_mask_var.value
         positions = decode_index[None]  # [1]
@@ -460,7 +477,7 @@ class Decoder(nn.Module):
         # K/V are projected here, once). Its outputs are meant to be discarded.
         encoder_mask = encoder_input_tokens != PAD_ID
         self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
-        self.variable('cache', 'encoder_mask', lambda: encoder_mask)
+        self.variable('cache', 'shared_encoder_mask', lambda: encoder_mask)
         positions = jnp.arange(tgt_len)
     else:
       encoder_mask = encoder_input_tokens != PAD_ID
