@@ -333,7 +333,7 @@ class _SampleLoopState:
   sequences: jnp.ndarray  # [B*N, L] int32, emitted tokens (0 after EOS / not yet)
   cur_token: jnp.ndarray  # [B*N] int32, token fed at cur_index
   cache: Any  # pytree, leading dim B*N ('shared_' leaves: B)
-  ended: jnp.ndarray  # [B*N] bool, row has emitted EOS
+  ended: jnp.ndarray  # [B*N] bool, row has emitted EOS (or its source is inactive)
   lengths: jnp.ndarray  # [B*N] int32, tokens emitted incl. EOS
   token_logprobs: jnp.ndarray  # [B*N, L] f32, nats, sampling distribution
   token_logprobs_policy: jnp.ndarray  # [B*N, L] f32, nats, log_softmax(logits)
@@ -377,7 +377,7 @@ def _make_uniform_fn(rng, batch_size: int, num_decodes: int):
 def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
                        batch_size: int, max_decode_len: int, eos_id: int,
                        rng, num_decodes: int = 1, temperature=1.0,
-                       topk: int = 0, topp: float = 0.0) -> SampleOutput:
+                       topk: int = 0, topp: float = 0.0, active=None) -> SampleOutput:
   """Samples ``num_decodes`` continuations per source (ancestral sampling).
 
   Args:
@@ -399,11 +399,15 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
     topk: static; 0 disables, else keep the k largest logits.
     topp: static; 0 (or >= 1) disables, else nucleus sampling (Holtzman et al.
       2020), applied after temperature and top-k as in t5x.
+    active: optional [B] bool, the sources to decode (None: all). The rows of an
+      inactive source (a batch's padding) start ended: they emit nothing (PAD,
+      length 0, log-prob 0) and never keep the loop running, so a padded batch
+      stops when its real rows do. Active rows are unaffected.
 
   Returns:
     :class:`SampleOutput` with [B, N, L] tokens / per-token log-probs and
     [B, N] sums and lengths. The ``lax.while_loop`` exits as soon as every
-    row has emitted EOS or L tokens were produced (``num_steps``).
+    (active) row has emitted EOS or L tokens were produced (``num_steps``).
   """
   bn = batch_size * num_decodes
   L = max_decode_len
@@ -413,13 +417,16 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
   else:
     uniforms = _make_uniform_fn(rng, batch_size, num_decodes)
   cache = expand_cache(cache, num_decodes)
+  ended = jnp.zeros((bn,), jnp.bool_)
+  if active is not None:
+    ended = ~flat_batch_beam_expand(jnp.asarray(active, jnp.bool_), num_decodes)
 
   init = _SampleLoopState(
       cur_index=jnp.zeros((), jnp.int32),
       sequences=jnp.zeros((bn, L), jnp.int32),
       cur_token=jnp.full((bn,), PAD_ID, jnp.int32),
       cache=cache,
-      ended=jnp.zeros((bn,), jnp.bool_),
+      ended=ended,
       lengths=jnp.zeros((bn,), jnp.int32),
       token_logprobs=jnp.zeros((bn, L), jnp.float32),
       token_logprobs_policy=jnp.zeros((bn, L), jnp.float32))
@@ -465,13 +472,14 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
 
 def greedy_decode(cache: Any, tokens_to_logits: TokensToLogits, *,
                   batch_size: int, max_decode_len: int,
-                  eos_id: int) -> SampleOutput:
+                  eos_id: int, active=None) -> SampleOutput:
   """Argmax decoding (num_decodes = 1). ``token_logprobs`` are 0 (the greedy
-  distribution is a point mass); ``token_logprobs_policy`` are the model's."""
+  distribution is a point mass); ``token_logprobs_policy`` are the model's.
+  ``active``: as in :func:`temperature_sample`."""
   return temperature_sample(
       cache, tokens_to_logits, batch_size=batch_size,
       max_decode_len=max_decode_len, eos_id=eos_id,
-      rng=None, num_decodes=1, temperature=0.0)
+      rng=None, num_decodes=1, temperature=0.0, active=active)
 
 
 # ----------------------------------------------------------------------------
@@ -491,7 +499,7 @@ class _BeamState:
 
 def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
                 batch_size: int, max_decode_len: int, eos_id: int,
-                beam_size: int, alpha: float = 0.6) -> BeamOutput:
+                beam_size: int, alpha: float = 0.6, active=None) -> BeamOutput:
   """Beam search with GNMT length normalisation (as in t5x decoding).
 
   A hypothesis of ``len`` tokens (incl. EOS) with summed log-prob ``lp`` scores
@@ -510,12 +518,15 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
     batch_size, max_decode_len, eos_id: as in :func:`temperature_sample`.
     beam_size: K; needs vocab >= 2K.
     alpha: length-penalty exponent (0 = plain log-prob).
+    active: optional [B] bool, the sources to decode (None: all): an inactive source (a
+      batch's padding) never keeps the loop running; its beams are unspecified.
 
   Returns:
     :class:`BeamOutput`, beams best first.
   """
   B, K, L = batch_size, beam_size, max_decode_len
   cache = expand_cache(cache, K)
+  searching = jnp.ones((B,), jnp.bool_) if active is None else jnp.asarray(active, jnp.bool_)
   init = _BeamState(
       cur_index=jnp.zeros((), jnp.int32),
       # Only beam 0 is alive initially, so the K beams don't duplicate.
@@ -535,7 +546,7 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
     # any future score of the best live beam.
     bound = s.live_logprobs[:, 0] / max_penalty(s.cur_index)
     worst_finished = s.finished_scores[:, -1]  # NEG_INF while not K finished
-    return (s.cur_index < L) & jnp.any(bound > worst_finished)
+    return (s.cur_index < L) & jnp.any(searching & (bound > worst_finished))
 
   def body_fn(s: _BeamState):
     i = s.cur_index
@@ -607,7 +618,8 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
 #
 # `PolicyModel.predict_batch(method=name)` (and so evaluation, `rest-jax eval` / `translate`) looks
 # a method up here instead of switching on its name. A registered function takes the cache, the
-# callback and keyword options and returns (tokens [batch, num_decodes, max_decode_len] int32,
+# callback and keyword options (`active` [batch] bool among them: sources that are a batch's
+# padding must not keep decoding running) and returns (tokens [batch, num_decodes, max_decode_len] int32,
 # aux dict of arrays; 'logprobs' [batch, num_decodes] f32 in nats under the untempered policy and
 # 'lengths' [batch, num_decodes] int32 at least). Register your own with `register_decode_fn`.
 
@@ -644,34 +656,36 @@ def _sample_aux(out: SampleOutput) -> dict:
 
 @register_decode_fn('greedy')
 def _greedy(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
-            **unused):
+            active=None, **unused):
   """Argmax decoding (`greedy_decode`); one decode per source."""
   del unused
   if num_decodes != 1:
     raise ValueError('greedy decoding needs num_decodes == 1.')
   out = greedy_decode(cache, tokens_to_logits, batch_size=batch_size,
-                      max_decode_len=max_decode_len, eos_id=eos_id)
+                      max_decode_len=max_decode_len, eos_id=eos_id, active=active)
   return out.tokens, _sample_aux(out)
 
 
 @register_decode_fn('sample')
 def _sample(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
-            rng=None, temperature=1.0, topk=0, topp=0.0, **unused):
+            rng=None, temperature=1.0, topk=0, topp=0.0, active=None, **unused):
   """`temperature_sample`: num_decodes samples per source (temperature / top-k / top-p)."""
   del unused
   if rng is None:
     raise ValueError("method='sample' needs an rng.")
   out = temperature_sample(cache, tokens_to_logits, batch_size=batch_size,
                            max_decode_len=max_decode_len, eos_id=eos_id, rng=rng,
-                           num_decodes=num_decodes, temperature=temperature, topk=topk, topp=topp)
+                           num_decodes=num_decodes, temperature=temperature, topk=topk, topp=topp,
+                           active=active)
   return out.tokens, _sample_aux(out)
 
 
 @register_decode_fn('beam')
 def _beam(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=4,
-          beam_alpha=0.6, **unused):
+          beam_alpha=0.6, active=None, **unused):
   """`beam_search` with num_decodes beams (best first) and the GNMT length penalty alpha."""
   del unused
   out = beam_search(cache, tokens_to_logits, batch_size=batch_size, beam_size=num_decodes,
-                    max_decode_len=max_decode_len, eos_id=eos_id, alpha=beam_alpha)
+                    max_decode_len=max_decode_len, eos_id=eos_id, alpha=beam_alpha,
+                    active=active)
   return out.tokens, {'logprobs': out.logprobs, 'scores': out.scores, 'lengths': out.lengths}

@@ -73,7 +73,8 @@ def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len, toke
     out = decoding.temperature_sample(
         cache, model.make_tokens_to_logits(params), batch_size=encoder_input_tokens.shape[0],
         max_decode_len=max_decode_len, eos_id=EOS_ID, rng=rng, num_decodes=num_decodes,
-        temperature=temperature, topk=topk, topp=topp)
+        temperature=temperature, topk=topk, topp=topp,
+        active=(encoder_input_tokens != 0).any(axis=-1))  # Padding rows end at once.
     out_dict = {'tokens': out.tokens, 'logprob_sampling': out.sequence_logprob,
                 'logprob_policy': out.sequence_logprob_policy, 'lengths': out.lengths}
     if token_logprobs:
@@ -373,7 +374,9 @@ def grow(output_dir: str,
   total = sum(len(chunk_rows(k)) for k in todo)  # At most: other workers may make some.
   bar = tqdm(total=total, desc=f'grow {grow_step}', unit='src', dynamic_ncols=True,
              mininterval=2.0, disable=p != 0)
-  drawn, tokens, decode_seconds, made = 0, 0, 0.0, 0
+  drawn, tokens, made = 0, 0, 0
+  seconds = dict(sample=0.0, score=0.0, write=0.0)  # This run's sampling / reference scoring /
+  # record building and writing (wall seconds; sampling includes each bucket's compilation).
   with contextlib.closing(records.claim_chunks(output_dir, records.GROW, K)) as claimed:
     for k in claimed:
       rows = chunk_rows(k)
@@ -390,14 +393,18 @@ def grow(output_dir: str,
                                   decode_length_ratio=decode_length_ratio, mesh=mesh,
                                   batch_size=batch_size,
                                   progress=progress)
+      t1 = time.perf_counter()
       ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
                              mesh=mesh, batch_size=batch_size)
-      decode_seconds += time.perf_counter() - t0
+      t2 = time.perf_counter()
       chunk, counts = chunk_records(rows, task_data, samples, ref, detokenize, grow_step,
                                     pinned.record_format)
       drawn += counts['samples_drawn']
       tokens += counts['generated_tokens']
       records.write_chunk(output_dir, records.GROW, k, K, chunk, counts)
+      seconds['sample'] += t1 - t0
+      seconds['score'] += t2 - t1
+      seconds['write'] += time.perf_counter() - t2
       made += 1
       if _stop_after_chunks is not None and made >= _stop_after_chunks:
         raise GrowInterrupted(f'stopped after {made} chunks (test hook)')
@@ -410,9 +417,12 @@ def grow(output_dir: str,
   manifest = dict(policy_dir=pinned.settings['policy_dir'], task=task, split=split,
                   settings=pinned.settings, settings_hash=pinned.settings_hash, counts=counts,
                   chunks_resumed=K - len(todo),
-                  wall_seconds=wall, decode_seconds=decode_seconds,
-                  generated_tokens_this_run=tokens,
-                  generated_tokens_per_second=tokens / max(decode_seconds, 1e-9))
+                  wall_seconds=wall, decode_seconds=seconds['sample'] + seconds['score'],
+                  sample_seconds=seconds['sample'], reference_score_seconds=seconds['score'],
+                  write_seconds=seconds['write'], generated_tokens_this_run=tokens,
+                  generated_tokens_per_second=tokens / max(seconds['sample'] + seconds['score'],
+                                                           1e-9),
+                  sampled_tokens_per_second=tokens / max(seconds['sample'], 1e-9))
   if p == 0:  # Host 0 of a job; every independent worker (each one's host 0) when it ends.
     records.write_manifest(output_dir, manifest)
   logging.info('grow: %d records (%d samples kept of %d, %d references) in %.0f s, %.0f tok/s',

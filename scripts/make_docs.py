@@ -136,6 +136,21 @@ def headline() -> str:
                  '(`python scripts/compare_online.py`)', 'test reward / oracle / BLEU',
                  f"BC {at('BC')}", f"ReST G = 2 {at('ReST G = 2')}",
                  f"PPO {at('PPO')}; GRPO {at('GRPO')}"])
+  if os.path.exists(os.path.join(ROOT, ONLINE_MATH)):
+    r = _load(ONLINE_MATH)
+    base = r['rows'][0]
+    em = [row for row in r['rows'] if row['method'].startswith('ReST-EM')]
+    grpo = [row for row in r['rows'] if row['method'].startswith('GRPO')]
+    # Pairs at (about) equal samples: ReST-EM's iterations draw 8,000, GRPO's budgets 8,192.
+    pairs = [(e, g) for e in em for g in grpo
+             if abs(g['samples'] - e['samples']) <= 0.05 * g['samples']]
+    at = lambda i: '; '.join(f"{p[i]['samples']:,}: {_f(p[i]['test_pass1'], '.1f')} / "
+                             f"{_f(p[i]['pool_pass1'], '.1f')}" for p in pairs)
+    rows.append([f"ReST-EM vs GRPO, `arithmetic_chain`, verifier `{r['reward']}` "
+                 '(`python scripts/compare_online.py --task=arithmetic_chain`)',
+                 'test / pool pass@1 (greedy) at equal samples',
+                 f"base {_f(base['test_pass1'], '.1f')} / {_f(base['pool_pass1'], '.1f')}",
+                 f'ReST-EM {at(0)}', f'GRPO {at(1)}'])
   return _table(['main job', 'measure', 'start', 'best on dev', 'beside it'], rows, right_from=9)
 
 

@@ -255,6 +255,35 @@ def test_while_loop_stops_early():
   assert (np.asarray(out.tokens)[:, :, 2] == EOS).all()
 
 
+def test_inactive_sources_do_not_keep_decoding_running():
+  """A batch's padding (active=False) starts ended: a source that would never emit EOS stops
+  costing steps, and the active sources' outputs are those of the full batch."""
+  L, V = 10, 5
+
+  def fn(state):  # Source 0 emits EOS at step 2; source 1 never does.
+    sid = state.cache['source'][:, 0]
+    logits = jnp.where((sid == 0)[:, None] & (state.cur_index == 2),
+                       50.0 * jax.nn.one_hot(EOS, V), 5.0 * jax.nn.one_hot(3, V))
+    return logits, state.cache
+
+  cache = {'source': jnp.array([[0], [1]], jnp.int32)}
+  kw = dict(batch_size=2, max_decode_len=L, eos_id=EOS, num_decodes=2)
+  both = _jit_sample(fn, **kw)(cache, jax.random.PRNGKey(0))
+  assert int(both.num_steps) == L
+  padded = jax.jit(lambda c, r: decoding.temperature_sample(
+      c, fn, rng=r, active=jnp.array([True, False]), **kw))(cache, jax.random.PRNGKey(0))
+  assert int(padded.num_steps) == 3
+  np.testing.assert_array_equal(padded.tokens[0], both.tokens[0])
+  np.testing.assert_array_equal(padded.sequence_logprob_policy[0], both.sequence_logprob_policy[0])
+  np.testing.assert_array_equal(padded.lengths, [[3, 3], [0, 0]])
+  assert not np.asarray(padded.tokens[1]).any()
+  beam = lambda active: jax.jit(lambda c: decoding.beam_search(
+      c, fn, batch_size=2, max_decode_len=L, eos_id=EOS, beam_size=2, active=active))(cache)
+  full, cut = beam(None), beam(jnp.array([True, False]))
+  assert int(full.num_steps) == L and int(cut.num_steps) < L
+  np.testing.assert_array_equal(cut.tokens[0], full.tokens[0])
+
+
 def _source_fn(V=11):
   """Markov stub whose logits also depend on the source id held in the cache."""
   rng = np.random.RandomState(1)

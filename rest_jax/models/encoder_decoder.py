@@ -294,6 +294,10 @@ class EncoderDecoderModel(base.PolicyModel):
         raise ValueError('max_decode_len is required without decoder tokens.')
       max_decode_len = ref.shape[1]
     cache = self.init_decode_cache(params, enc, max_decode_len)
+    # An all-PAD source is a batch's padding (a real one ends in EOS): it must not keep the
+    # decoding loop running.
+    active = jnp.any(enc != PAD_ID, axis=-1)
     return fn(cache, self.make_tokens_to_logits(params), batch_size=enc.shape[0],
               max_decode_len=max_decode_len, eos_id=EOS_ID, num_decodes=num_decodes, rng=rng,
-              temperature=temperature, topk=topk, topp=topp, beam_alpha=beam_alpha)
+              temperature=temperature, topk=topk, topp=topp, beam_alpha=beam_alpha,
+              active=active)
