@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rest_jax import trainer
+from rest_jax import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPM_MODEL = os.path.join(REPO, 'tasks', 'data', 'libreoffice_help', 'spm', 'de_en_8000.model')
@@ -259,7 +259,7 @@ def timestamp() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
-write_json = trainer.write_json  # One atomic JSON writer for the project.
+write_json = fileio.write_json  # One atomic JSON writer for the project.
 
 
 def print_table(rows: list[list[Any]], header: list[str]) -> None:

@@ -92,8 +92,7 @@ def main(argv=None) -> dict:
   print(f'real / synthetic = {out["ratio"]:.2f} ({out["real_tokens_per_s"]:,.0f} / '
         f'{synthetic_tps:,.0f} tok/s)', flush=True)
   if args.json:
-    from rest_jax import trainer
-    trainer.write_json(args.json, out)
+    common.write_json(args.json, out)
   return out
 
 
