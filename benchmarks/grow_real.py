@@ -37,18 +37,25 @@ POLICY = os.path.join(common.REPO, 'checkpoints', 'bc_tiny_libreoffice_de_en', '
 TASK = 'libreoffice_help_de_en'
 
 
-def real_grow(args, out_dir: str) -> dict:
-  """One `grow` run; its manifest's timings and counts."""
+def make_model():
+  """The `tiny` model from its gin file (one object for both runs: the samplers are cached per
+  model object, so the second run reuses the first run's compilations)."""
   import gin
-  from rest_jax import fileio, grow as grow_lib, main as main_lib
+  from rest_jax import main as main_lib
   main_lib.register_gin_configurables()
   gin.clear_config()
   gin.parse_config_files_and_bindings([os.path.join(common.REPO, 'gin_configs', 'models',
                                                     'tiny.gin')], [])
-  model = gin.query_parameter('%MODEL').scoped_configurable_fn()
+  return gin.query_parameter('%MODEL').scoped_configurable_fn()
+
+
+def real_grow(args, out_dir: str, model) -> dict:
+  """One `grow` run; its manifest's timings and counts."""
+  from rest_jax import fileio, grow as grow_lib
   grow_lib.grow(out_dir, model=model, policy_dir=args.policy, task=TASK, num_decodes=8,
                 temperature=0.8, max_decode_len=128, decode_length_ratio=2.0,
-                batch_size=args.batch_size, chunk_size=args.num_sources,
+                batch_size=args.batch_size, compact_factor=args.compact_factor,
+                chunk_size=args.num_sources,
                 max_sources=args.num_sources, source_every=args.source_every, seed=0)
   m = fileio.read_json(os.path.join(out_dir, 'manifest.json'))
   keys = ('sample_seconds', 'reference_score_seconds', 'write_seconds', 'wall_seconds',
@@ -63,18 +70,25 @@ def main(argv=None) -> dict:
   p.add_argument('--num-sources', type=int, default=2000)
   p.add_argument('--source-every', type=int, default=15)
   p.add_argument('--batch-size', type=int, default=32, help='sources per decoding batch')
+  p.add_argument('--compact-factor', type=int, default=None,
+                 help='finished rows leave a batch in steps of this factor (0: never; default: '
+                      'grow.COMPACT_FACTOR)')
   p.add_argument('--repeats', type=int, default=3, help='synthetic benchmark: timed runs')
   args = p.parse_args(argv)
   common.warn_if_busy()
+  if args.compact_factor is None:
+    from rest_jax import grow as grow_lib
+    args.compact_factor = grow_lib.COMPACT_FACTOR
 
   print('synthetic: grow_throughput.py --arch tiny --sides rest_jax', flush=True)
   synthetic = grow_throughput.main(['--arch', 'tiny', '--sides', 'rest_jax',
                                     '--repeats', str(args.repeats)])
   synthetic_tps = synthetic['rest_jax_tokens_per_s']
   runs = {}
+  model = make_model()
   for name in ('cold', 'warm'):
     with tempfile.TemporaryDirectory(prefix=f'rest_jax_grow_real_{name}_') as d:
-      runs[name] = real_grow(args, os.path.join(d, 'grow'))
+      runs[name] = real_grow(args, os.path.join(d, 'grow'), model)
     r = runs[name]
     print(f'  real Grow ({name}): {r["generated_tokens_this_run"]:,} tokens, sampling '
           f'{r["sample_seconds"]:.1f} s = {r["sampled_tokens_per_second"]:,.0f} tok/s; '
@@ -82,7 +96,8 @@ def main(argv=None) -> dict:
           f'{r["write_seconds"]:.1f} s', flush=True)
   out = dict(benchmark='grow_real', arch='tiny', policy=os.path.relpath(args.policy, common.REPO),
              task=TASK, num_sources=args.num_sources, source_every=args.source_every,
-             batch_size=args.batch_size, num_decodes=8, temperature=0.8,
+             batch_size=args.batch_size, compact_factor=args.compact_factor, num_decodes=8,
+             temperature=0.8,
              synthetic_tokens_per_s=synthetic_tps, real=runs,
              real_tokens_per_s=runs['warm']['sampled_tokens_per_second'],
              ratio=runs['warm']['sampled_tokens_per_second'] / synthetic_tps,

@@ -328,50 +328,165 @@ def sample_logits(logits: jnp.ndarray, u: jnp.ndarray, *, temperature=1.0,
 # Temperature sampling.
 # ----------------------------------------------------------------------------
 @flax.struct.dataclass
-class _SampleLoopState:
+class SampleState:
+  """The sampling loop's state (:func:`init_sample_state`, :func:`sample_steps`).
+
+  Rows are candidates (row ``b * N + j`` is candidate ``j`` of source ``b``) until
+  :func:`compact_sample_state` keeps a subset of them; then each row is its own group.
+  """
   cur_index: jnp.ndarray  # [] int32, position being decoded
-  sequences: jnp.ndarray  # [B*N, L] int32, emitted tokens (0 after EOS / not yet)
-  cur_token: jnp.ndarray  # [B*N] int32, token fed at cur_index
-  cache: Any  # pytree, leading dim B*N ('shared_' leaves: B)
-  ended: jnp.ndarray  # [B*N] bool, row has emitted EOS (or its source is inactive)
-  lengths: jnp.ndarray  # [B*N] int32, tokens emitted incl. EOS
-  token_logprobs: jnp.ndarray  # [B*N, L] f32, nats, sampling distribution
-  token_logprobs_policy: jnp.ndarray  # [B*N, L] f32, nats, log_softmax(logits)
+  sequences: jnp.ndarray  # [rows, L] int32, emitted tokens (0 after EOS / not yet)
+  cur_token: jnp.ndarray  # [rows] int32, token fed at cur_index
+  cache: Any  # pytree, leading dim rows ('shared_' leaves: rows // N)
+  ended: jnp.ndarray  # [rows] bool, row has emitted EOS (or its source is inactive)
+  lengths: jnp.ndarray  # [rows] int32, tokens emitted incl. EOS
+  token_logprobs: jnp.ndarray  # [rows, L] f32, nats, sampling distribution
+  token_logprobs_policy: jnp.ndarray  # [rows, L] f32, nats, log_softmax(logits)
+  row_keys: Any  # [rows, 2] uint32 (or typed [rows]) candidate keys; None with one shared key
 
 
 def _is_key_array(rng) -> bool:
   return jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
 
 
-def _make_uniform_fn(rng, batch_size: int, num_decodes: int):
-  """Returns f(step) -> [batch*num_decodes] f32 uniforms in [0, 1).
+def _candidate_keys(rng, batch_size: int, num_decodes: int):
+  """Per-source keys (raw [batch, 2] or typed [batch]) -> the candidates' keys
+  [batch * num_decodes, ...]: candidate j of source b gets fold_in(rng[b], j).
+  A single key (raw [2] or typed []) -> None.
 
-  Single key (raw uint32 [2] or key array []): one draw of B*N uniforms from
-  fold_in(rng, step). Per-source keys (raw [batch, 2] or key array [batch]):
-  candidate j of source b at step t uses fold_in(fold_in(rng[b], j), t), so a
-  source's samples do not depend on the rest of the batch.
+  Raises:
+    ValueError: per-source keys whose leading dim is not `batch_size`; other shapes.
   """
   rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
   per_row_ndim = 1 if _is_key_array(rng) else 2
-  if rng.ndim == per_row_ndim:
-    if rng.shape[0] != batch_size:
-      raise ValueError(f'per-source rng has leading dim {rng.shape[0]}, '
-                       f'expected batch_size={batch_size}')
-    cand = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(
-        jnp.arange(num_decodes)))(rng)  # [B, N, ...]
-    cand = jnp.reshape(cand, (batch_size * num_decodes,) + cand.shape[2:])
-
-    def per_row(step):
-      return jax.vmap(
-          lambda k: jax.random.uniform(jax.random.fold_in(k, step), ()))(cand)
-    return per_row
-  if rng.ndim != per_row_ndim - 1:
+  if rng.ndim == per_row_ndim - 1:
+    return None
+  if rng.ndim != per_row_ndim:
     raise ValueError(f'unsupported rng shape {rng.shape}')
+  if rng.shape[0] != batch_size:
+    raise ValueError(f'per-source rng has leading dim {rng.shape[0]}, '
+                     f'expected batch_size={batch_size}')
+  cand = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(
+      jnp.arange(num_decodes)))(rng)  # [B, N, ...]
+  return jnp.reshape(cand, (batch_size * num_decodes,) + cand.shape[2:])
 
-  def shared(step):
-    return jax.random.uniform(jax.random.fold_in(rng, step),
-                              (batch_size * num_decodes,))
-  return shared
+
+def _greedy_temperature(temperature) -> bool:
+  return isinstance(temperature, (int, float)) and float(temperature) <= MIN_TEMPERATURE
+
+
+def init_sample_state(cache: Any, *, batch_size: int, max_decode_len: int, rng,
+                      num_decodes: int = 1, active=None) -> SampleState:
+  """The state :func:`sample_steps` starts from (arguments as in :func:`temperature_sample`;
+  rng may be None for greedy decoding)."""
+  bn = batch_size * num_decodes
+  L = max_decode_len
+  ended = jnp.zeros((bn,), jnp.bool_)
+  if active is not None:
+    ended = ~flat_batch_beam_expand(jnp.asarray(active, jnp.bool_), num_decodes)
+  return SampleState(
+      cur_index=jnp.zeros((), jnp.int32),
+      sequences=jnp.zeros((bn, L), jnp.int32),
+      cur_token=jnp.full((bn,), PAD_ID, jnp.int32),
+      cache=expand_cache(cache, num_decodes),
+      ended=ended,
+      lengths=jnp.zeros((bn,), jnp.int32),
+      token_logprobs=jnp.zeros((bn, L), jnp.float32),
+      token_logprobs_policy=jnp.zeros((bn, L), jnp.float32),
+      row_keys=None if rng is None else _candidate_keys(rng, batch_size, num_decodes))
+
+
+def sample_steps(state: SampleState, tokens_to_logits: TokensToLogits, *, eos_id: int,
+                 temperature=1.0, topk: int = 0, topp: float = 0.0, rng=None,
+                 min_live=0) -> SampleState:
+  """Runs the sampling loop from `state` until every row has ended, L tokens were produced,
+  or at most `min_live` rows are still decoding ([] int, may be traced; 0: to the end).
+
+  Random numbers: candidate row r at step t draws uniform(fold_in(row_keys[r], t)); with one
+  shared key (`row_keys` None) step t draws all rows from fold_in(rng, t). Greedy (a static
+  temperature <= MIN_TEMPERATURE) draws none.
+  """
+  L = state.sequences.shape[1]
+  if _greedy_temperature(temperature):
+    uniforms = lambda s, step: jnp.zeros(s.ended.shape, jnp.float32)
+  elif state.row_keys is not None:
+    uniforms = lambda s, step: jax.vmap(
+        lambda k: jax.random.uniform(jax.random.fold_in(k, step), ()))(s.row_keys)
+  elif rng is not None:
+    uniforms = lambda s, step: jax.random.uniform(jax.random.fold_in(rng, step), s.ended.shape)
+  else:
+    raise ValueError('sampling needs an rng (per-source keys in the state, or one shared key)')
+
+  def cond_fn(s: SampleState):
+    return (s.cur_index < L) & (jnp.sum(~s.ended) > min_live)
+
+  def body_fn(s: SampleState):
+    i = s.cur_index
+    logits, new_cache = tokens_to_logits(
+        DecodingState(cur_index=i, sequences=s.sequences,
+                      cur_token=s.cur_token, cache=s.cache))
+    tok, lp, lp_pol = sample_logits(logits, uniforms(s, i), temperature=temperature,
+                                    topk=topk, topp=topp)
+    active = ~s.ended
+    tok = jnp.where(active, tok, PAD_ID)
+    lp = jnp.where(active, lp, 0.0)
+    lp_pol = jnp.where(active, lp_pol, 0.0)
+    put = lambda a, v: lax.dynamic_update_slice(a, v[:, None], (0, i))
+    return s.replace(
+        cur_index=i + 1,
+        sequences=put(s.sequences, tok),
+        cur_token=tok,
+        cache=new_cache,
+        ended=s.ended | (active & (tok == eos_id)),
+        lengths=s.lengths + active.astype(jnp.int32),
+        token_logprobs=put(s.token_logprobs, lp),
+        token_logprobs_policy=put(s.token_logprobs_policy, lp_pol))
+
+  return lax.while_loop(cond_fn, body_fn, state)
+
+
+def compact_sample_state(state: SampleState, rows: jnp.ndarray,
+                         num_decodes: int) -> SampleState:
+  """The state of `rows` only ([rows'] int32 positions; repeats allowed, e.g. ended rows as
+  filler to a fixed size), so that decoding stops paying for rows that have ended.
+
+  Per-row leaves are gathered by `rows`; 'shared_' leaves, whose row s serves rows
+  s * num_decodes .. s * num_decodes + num_decodes - 1 (1 once compacted), by
+  `rows // num_decodes`: afterwards every row is its own group (N = 1 for the callback).
+  Tokens drawn afterwards are those the uncompacted loop draws (each row's random numbers come
+  from its own key), up to floating-point rounding of batch-size-dependent kernels.
+
+  Raises:
+    ValueError: the state has one shared key (its draws depend on the number of rows).
+  """
+  if state.row_keys is None:
+    raise ValueError('compaction needs per-source keys (one shared key draws per batch)')
+  rows = jnp.asarray(rows, jnp.int32)
+  take = lambda x: jnp.take(x, rows, axis=0)
+  cache = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if jnp.ndim(x) == 0 else jnp.take(
+          x, rows // num_decodes if _leaf_name(path).startswith(SHARED_PREFIX) else rows, axis=0),
+      state.cache)
+  return state.replace(
+      sequences=take(state.sequences), cur_token=take(state.cur_token), cache=cache,
+      ended=take(state.ended), lengths=take(state.lengths),
+      token_logprobs=take(state.token_logprobs),
+      token_logprobs_policy=take(state.token_logprobs_policy), row_keys=take(state.row_keys))
+
+
+def sample_output(state: SampleState, batch_size: int, num_decodes: int) -> SampleOutput:
+  """The :class:`SampleOutput` of an uncompacted state ([batch * num_decodes] rows)."""
+  unflat = lambda x: unflatten_beam_dim(x, batch_size, num_decodes)
+  tlp = unflat(state.token_logprobs)
+  tlp_pol = unflat(state.token_logprobs_policy)
+  return SampleOutput(
+      tokens=unflat(state.sequences),
+      token_logprobs=tlp,
+      token_logprobs_policy=tlp_pol,
+      sequence_logprob=jnp.sum(tlp, axis=-1),
+      sequence_logprob_policy=jnp.sum(tlp_pol, axis=-1),
+      lengths=unflat(state.lengths),
+      num_steps=state.cur_index)
 
 
 def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
@@ -408,66 +523,18 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
     :class:`SampleOutput` with [B, N, L] tokens / per-token log-probs and
     [B, N] sums and lengths. The ``lax.while_loop`` exits as soon as every
     (active) row has emitted EOS or L tokens were produced (``num_steps``).
+
+  Raises:
+    ValueError: per-source keys whose leading dim is not B; an rng of another shape; no rng
+      for a non-greedy temperature.
   """
-  bn = batch_size * num_decodes
-  L = max_decode_len
-  if (isinstance(temperature, (int, float)) and
-      float(temperature) <= MIN_TEMPERATURE):  # greedy: no random numbers
-    uniforms = lambda step: jnp.zeros((bn,), jnp.float32)
-  else:
-    uniforms = _make_uniform_fn(rng, batch_size, num_decodes)
-  cache = expand_cache(cache, num_decodes)
-  ended = jnp.zeros((bn,), jnp.bool_)
-  if active is not None:
-    ended = ~flat_batch_beam_expand(jnp.asarray(active, jnp.bool_), num_decodes)
-
-  init = _SampleLoopState(
-      cur_index=jnp.zeros((), jnp.int32),
-      sequences=jnp.zeros((bn, L), jnp.int32),
-      cur_token=jnp.full((bn,), PAD_ID, jnp.int32),
-      cache=cache,
-      ended=ended,
-      lengths=jnp.zeros((bn,), jnp.int32),
-      token_logprobs=jnp.zeros((bn, L), jnp.float32),
-      token_logprobs_policy=jnp.zeros((bn, L), jnp.float32))
-
-  def cond_fn(s: _SampleLoopState):
-    return (s.cur_index < L) & ~jnp.all(s.ended)
-
-  def body_fn(s: _SampleLoopState):
-    i = s.cur_index
-    logits, new_cache = tokens_to_logits(
-        DecodingState(cur_index=i, sequences=s.sequences,
-                      cur_token=s.cur_token, cache=s.cache))
-    tok, lp, lp_pol = sample_logits(logits, uniforms(i), temperature=temperature,
-                                    topk=topk, topp=topp)
-    active = ~s.ended
-    tok = jnp.where(active, tok, PAD_ID)
-    lp = jnp.where(active, lp, 0.0)
-    lp_pol = jnp.where(active, lp_pol, 0.0)
-    put = lambda a, v: lax.dynamic_update_slice(a, v[:, None], (0, i))
-    return _SampleLoopState(
-        cur_index=i + 1,
-        sequences=put(s.sequences, tok),
-        cur_token=tok,
-        cache=new_cache,
-        ended=s.ended | (active & (tok == eos_id)),
-        lengths=s.lengths + active.astype(jnp.int32),
-        token_logprobs=put(s.token_logprobs, lp),
-        token_logprobs_policy=put(s.token_logprobs_policy, lp_pol))
-
-  final = lax.while_loop(cond_fn, body_fn, init)
-  unflat = lambda x: unflatten_beam_dim(x, batch_size, num_decodes)
-  tlp = unflat(final.token_logprobs)
-  tlp_pol = unflat(final.token_logprobs_policy)
-  return SampleOutput(
-      tokens=unflat(final.sequences),
-      token_logprobs=tlp,
-      token_logprobs_policy=tlp_pol,
-      sequence_logprob=jnp.sum(tlp, axis=-1),
-      sequence_logprob_policy=jnp.sum(tlp_pol, axis=-1),
-      lengths=unflat(final.lengths),
-      num_steps=final.cur_index)
+  greedy = _greedy_temperature(temperature)
+  state = init_sample_state(cache, batch_size=batch_size, max_decode_len=max_decode_len,
+                            rng=None if greedy else rng, num_decodes=num_decodes,
+                            active=active)
+  state = sample_steps(state, tokens_to_logits, eos_id=eos_id, temperature=temperature,
+                       topk=topk, topp=topp, rng=None if greedy else rng)
+  return sample_output(state, batch_size, num_decodes)
 
 
 def greedy_decode(cache: Any, tokens_to_logits: TokensToLogits, *,

@@ -65,22 +65,94 @@ class GrowInterrupted(RuntimeError):
 
 # -- pure-JAX core ---------------------------------------------------------------------------------
 
+COMPACT_FACTOR = 4  # a batch's rows shrink by this factor as they finish (0: never)
+MIN_COMPACT_ROWS = 8  # ... down to this many rows (rounded up to the mesh's data axis)
+
+
 @functools.lru_cache(maxsize=16)
-def _sample_fn(model, num_decodes, temperature, topk, topp, max_decode_len, token_logprobs=False):
-  def sample(params, encoder_input_tokens, source_index, base_key):
+def _sample_programs(model, num_decodes, temperature, topk, topp, max_decode_len):
+  """The jitted pieces of a batch's sampling loop: init, steps (to at most `min_live` live
+  rows) and compact (keep `rows`; its output size is that of `rows`)."""
+  def init(params, encoder_input_tokens, source_index, base_key):
     rng = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(source_index)  # [B, 2] uint32
     cache = model.init_decode_cache(params, encoder_input_tokens, max_decode_len)
-    out = decoding.temperature_sample(
-        cache, model.make_tokens_to_logits(params), batch_size=encoder_input_tokens.shape[0],
-        max_decode_len=max_decode_len, eos_id=EOS_ID, rng=rng, num_decodes=num_decodes,
-        temperature=temperature, topk=topk, topp=topp,
+    return decoding.init_sample_state(
+        cache, batch_size=encoder_input_tokens.shape[0], max_decode_len=max_decode_len, rng=rng,
+        num_decodes=num_decodes,
         active=(encoder_input_tokens != 0).any(axis=-1))  # Padding rows end at once.
-    out_dict = {'tokens': out.tokens, 'logprob_sampling': out.sequence_logprob,
-                'logprob_policy': out.sequence_logprob_policy, 'lengths': out.lengths}
-    if token_logprobs:
-      out_dict['token_logprobs_policy'] = out.token_logprobs_policy
-    return out_dict
-  return jax.jit(sample)
+
+  def steps(params, state, min_live):
+    return decoding.sample_steps(state, model.make_tokens_to_logits(params), eos_id=EOS_ID,
+                                 temperature=temperature, topk=topk, topp=topp,
+                                 min_live=min_live)
+
+  return (jax.jit(init), jax.jit(steps, donate_argnums=1),
+          jax.jit(decoding.compact_sample_state, static_argnums=2))
+
+
+def compaction_sizes(rows: int, factor: int, min_rows: int = MIN_COMPACT_ROWS,
+                     multiple: int = 1) -> list[int]:
+  """The row counts a batch of `rows` candidate rows is compacted through, largest first:
+  rows, rows / factor, rows / factor^2, ... (each rounded up to a multiple of `multiple`, the
+  mesh's data axis), none below `min_rows`; [rows] alone for factor 0 or 1. Our choice: a
+  geometric ladder bounds the compilations at one per size and length bucket."""
+  sizes = [rows]
+  if factor <= 1:
+    return sizes
+  while True:
+    nxt = -(-(sizes[-1] // factor) // multiple) * multiple
+    if nxt < max(min_rows, multiple) or nxt >= sizes[-1]:
+      return sizes
+    sizes.append(nxt)
+
+
+def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
+                  compact_factor: int, multiple: int, token_logprobs: bool) -> dict:
+  """One batch's candidates, its rows compacted as they finish (the loop of `sample_candidates`).
+
+  The loop runs on device until at most the next ladder size of rows is still decoding; the host
+  then copies every row's tokens and log-probs out (by original row) and keeps the live rows only
+  (padded with an ended row to the ladder size), so that the remaining steps cost what the live
+  rows cost. Each row draws from its own key: the tokens are those of an uncompacted loop, up to
+  floating-point rounding of batch-size-dependent kernels.
+  """
+  init, steps, compact = programs
+  B, N = enc.shape[0], num_decodes
+  state = init(params, enc, source_index, key)
+  L = state.sequences.shape[1]
+  sizes = compaction_sizes(B * N, compact_factor, multiple=multiple)
+  row_ids = np.arange(B * N)  # original row of each state row, -1 for filler
+  buf = {'tokens': np.zeros((B * N, L), np.int32), 'lengths': np.zeros((B * N,), np.int32),
+         'token_logprobs': np.zeros((B * N, L), np.float32),
+         'token_logprobs_policy': np.zeros((B * N, L), np.float32)}
+  group = N  # rows per 'shared_' cache row
+  level = 0
+  while True:
+    last = level + 1 >= len(sizes)
+    state = steps(params, state, 0 if last else sizes[level + 1])
+    got = jax.device_get({'tokens': state.sequences, 'lengths': state.lengths,
+                          'token_logprobs': state.token_logprobs,
+                          'token_logprobs_policy': state.token_logprobs_policy,
+                          'ended': state.ended, 'cur_index': state.cur_index})
+    real = row_ids >= 0
+    for k in ('tokens', 'lengths', 'token_logprobs', 'token_logprobs_policy'):
+      buf[k][row_ids[real]] = got[k][real]
+    live = np.flatnonzero(~got['ended'])
+    if last or not len(live) or int(got['cur_index']) >= L:
+      break
+    level = next(i for i in range(len(sizes) - 1, level, -1) if sizes[i] >= len(live))
+    filler = np.flatnonzero(got['ended'])[:1]  # some row ended: len(live) < rows in the state
+    keep = np.concatenate([live, np.repeat(filler, sizes[level] - len(live))])
+    state = compact(state, keep.astype(np.int32), group)
+    row_ids = np.concatenate([row_ids[live], np.full(sizes[level] - len(live), -1)])
+    group = 1
+  unflat = lambda x: x.reshape((B, N) + x.shape[1:])
+  out = {'tokens': unflat(buf['tokens']), 'lengths': unflat(buf['lengths']),
+         'logprob_sampling': unflat(buf['token_logprobs'].sum(-1, dtype=np.float32)),
+         'logprob_policy': unflat(buf['token_logprobs_policy'].sum(-1, dtype=np.float32))}
+  if token_logprobs:
+    out['token_logprobs_policy'] = unflat(buf['token_logprobs_policy'])
+  return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,7 +176,8 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
                       max_decode_len: int = 128, decode_length_ratio: float | None = 2.0,
                       mesh=None, batch_size: int = 32,
                       progress: Callable[[int], None] | None = None, key=None,
-                      token_logprobs: bool = False) -> dict[str, np.ndarray]:
+                      token_logprobs: bool = False,
+                      compact_factor: int = COMPACT_FACTOR) -> dict[str, np.ndarray]:
   """Draws `num_decodes` candidates per source from the policy (ReST Grow, sec. 2).
 
   Args:
@@ -132,6 +205,10 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       `fold_in(key, source_indices[b])`.
     token_logprobs: also return 'token_logprobs_policy' [n, N, L] float32 (nats, per token under
       the untempered policy, 0 after EOS): the rollout log-probs of `rest_jax.online`.
+    compact_factor: as a batch's candidates finish, its live rows are gathered into a batch this
+      many times smaller (`compaction_sizes`; 0 never), so a batch does not pay for its finished
+      rows until its longest candidate ends. The tokens do not depend on it (each row draws from
+      its own key), up to floating-point rounding of batch-size-dependent kernels.
 
   Returns:
     dict of numpy arrays: 'tokens' [n, N, L] int32 (EOS kept, 0 after), 'logprob_sampling'
@@ -150,9 +227,10 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
 
   def step(buckets, batch):
     steps = data_lib.decode_length(buckets[0], L, decode_length_ratio)
-    fn = _sample_fn(model, N, float(temperature), int(topk), float(topp), steps,
-                    bool(token_logprobs))
-    return fn(params, batch['encoder_input_tokens'], batch['source_index'], key)
+    programs = _sample_programs(model, N, float(temperature), int(topk), float(topp), steps)
+    return _sample_batch(programs, params, batch['encoder_input_tokens'], batch['source_index'],
+                         key, num_decodes=N, compact_factor=int(compact_factor),
+                         multiple=mesh.shape['data'], token_logprobs=bool(token_logprobs))
   out = inference.run_batched(
       step, {'encoder_input_tokens': enc,
              'source_index': np.asarray(source_indices, np.int64).astype(np.int32)},
@@ -262,6 +340,7 @@ def grow(output_dir: str,
          max_decode_len: int = 128,
          decode_length_ratio: float | None = 2.0,
          batch_size: int = 32,
+         compact_factor: int = COMPACT_FACTOR,
          chunk_size: int = 1024,
          seed: int = 0,
          grow_step: int = 1,
@@ -289,6 +368,9 @@ def grow(output_dir: str,
       min(max_decode_len, ratio * s) tokens (`data.decode_length`; None: max_decode_len).
     batch_size: sources per decoding batch (see `sample_candidates`); not part of the settings
       (it does not change which samples are drawn).
+    compact_factor: finished candidates are dropped from a decoding batch, its live rows
+      gathered into one this many times smaller (`sample_candidates`; 0: never); not part of
+      the settings.
     chunk_size: sources per chunk file (the unit of resumption).
     seed: sampling seed; source i uses `fold_in(PRNGKey(sample_seed(seed, grow_step)), i)`.
     grow_step: which Grow of the ReST loop (1, 2, ...), stored in every record; Grow g > 1
@@ -391,7 +473,7 @@ def grow(output_dir: str,
                                   temperature=temperature, topk=topk, topp=topp,
                                   max_decode_len=max_decode_len,
                                   decode_length_ratio=decode_length_ratio, mesh=mesh,
-                                  batch_size=batch_size,
+                                  batch_size=batch_size, compact_factor=compact_factor,
                                   progress=progress)
       t1 = time.perf_counter()
       ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],

@@ -460,3 +460,49 @@ def test_pad_is_never_emitted_but_policy_logprob_is_the_models():
   np.testing.assert_allclose(out.token_logprobs_policy[0, :, 0], log_policy[toks], rtol=1e-5)
   masked = np.asarray(jax.nn.log_softmax(logits[0, 1:]))  # Sampling distribution: PAD removed.
   np.testing.assert_allclose(out.token_logprobs[0, :, 0], masked[toks - 1], rtol=1e-5)
+
+
+def test_compacting_finished_rows_keeps_every_row_s_tokens():
+  """init -> steps (until <= 5 rows live) -> compact to the live rows (+ an ended filler row,
+  'shared_' leaves gathered by source) -> steps to the end draws exactly the tokens of the
+  uncompacted loop: each row's random numbers come from its own key, and the callback reads the
+  per-row cache (a running sum) and the shared one (the source) of the rows it was given."""
+  V, B, N, L = 11, 3, 4, 12
+  rng = np.random.RandomState(3)
+  table = jnp.asarray(rng.randn(V, V), jnp.float32).at[:, EOS].add(-1.0)
+  src = jnp.asarray(rng.randn(8, V), jnp.float32)
+
+  def fn(state):
+    shared = state.cache['shared_source'][:, 0]
+    sid = jnp.repeat(shared, state.cur_token.shape[0] // shared.shape[0])
+    total = state.cache['total'][:, 0]
+    logits = (table[state.cur_token] + src[sid] + 0.3 * jax.nn.one_hot(total % V, V)
+              + 0.4 * state.cur_index * jax.nn.one_hot(EOS, V))
+    return logits, dict(state.cache, total=state.cache['total'] + state.cur_token[:, None])
+
+  cache = {'shared_source': jnp.array([[2], [5], [7]], jnp.int32),
+           'total': jnp.zeros((B, 1), jnp.int32), 'index': jnp.zeros((), jnp.int32)}
+  keys = jax.random.split(jax.random.PRNGKey(4), B)
+  full = _jit_sample(fn, batch_size=B, max_decode_len=L, eos_id=EOS, num_decodes=N)(cache, keys)
+  state = decoding.init_sample_state(cache, batch_size=B, max_decode_len=L, rng=keys,
+                                     num_decodes=N)
+  steps = jax.jit(lambda s, m: decoding.sample_steps(s, fn, eos_id=EOS, min_live=m))
+  state = steps(state, 5)
+  ended = np.asarray(state.ended)
+  live = np.flatnonzero(~ended)
+  assert 0 < len(live) <= 5 and int(state.cur_index) < L
+  keep = np.concatenate([live, np.flatnonzero(ended)[:1]])
+  small = decoding.compact_sample_state(state, keep, N)
+  assert small.cache['shared_source'].shape == (len(keep), 1)
+  small = steps(small, 0)
+  tokens = np.asarray(state.sequences).copy()
+  tokens[live] = np.asarray(small.sequences)[:len(live)]
+  np.testing.assert_array_equal(tokens.reshape(B, N, L), full.tokens)
+  lp = np.asarray(state.token_logprobs).copy()
+  lp[live] = np.asarray(small.token_logprobs)[:len(live)]
+  np.testing.assert_allclose(lp.reshape(B, N, L), full.token_logprobs, atol=1e-6)
+  assert int(small.cur_index) == int(full.num_steps)
+  with pytest.raises(ValueError, match='per-source keys'):
+    decoding.compact_sample_state(
+        decoding.init_sample_state(cache, batch_size=B, max_decode_len=L,
+                                   rng=jax.random.PRNGKey(0), num_decodes=N), keep, N)

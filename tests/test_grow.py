@@ -217,3 +217,67 @@ def test_core_imports_without_tensorflow():
           'assert "tensorflow" not in sys.modules, "TF imported"')
   subprocess.run([sys.executable, '-c', code], check=True,
                  env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+class _StubPolicy:
+  """A policy whose logits depend on the source's first token (a 'shared_' cache leaf), on a
+  per-row running sum of the emitted tokens and on the position (EOS grows likelier), so that
+  candidates end at many different steps; params: a [V, V] logits table."""
+
+  def init_decode_cache(self, params, encoder_input_tokens, max_decode_len):
+    import jax.numpy as jnp
+    b = encoder_input_tokens.shape[0]
+    return {'shared_first': encoder_input_tokens[:, :1], 'total': jnp.zeros((b, 1), jnp.int32)}
+
+  def make_tokens_to_logits(self, params):
+    import jax.numpy as jnp
+
+    def fn(state):
+      first = state.cache['shared_first'][:, 0]
+      first = jnp.repeat(first, state.cur_token.shape[0] // first.shape[0])
+      total = state.cache['total'][:, 0]
+      logits = (params[state.cur_token] + 0.5 * jax.nn.one_hot(first % V, V)
+                + 0.5 * jax.nn.one_hot(total % V, V)
+                + 0.3 * state.cur_index * jax.nn.one_hot(1, V))
+      return logits, dict(state.cache, total=state.cache['total'] + state.cur_token[:, None])
+    return fn
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_compacted_sampling_draws_the_uncompacted_candidates(monkeypatch, num_devices):
+  """`sample_candidates` with finished rows compacted away (factors 2 and 4, on 1 and 8 data
+  devices) returns exactly the candidates of the uncompacted loop, and compaction did happen."""
+  stub, table = _StubPolicy(), np.random.RandomState(0).randn(V, V).astype(np.float32)
+  enc = DATA.arrays['encoder_input_tokens']
+  calls = []
+  programs = grow_lib._sample_programs
+
+  def counted(*args):  # counts the compactions (calls of the jitted compact program)
+    init, steps, compact = programs(*args)
+    return init, steps, lambda s, rows, n: calls.append(len(rows)) or compact(s, rows, n)
+  monkeypatch.setattr(grow_lib, '_sample_programs', counted)
+  mesh = partitioning.create_mesh(devices=jax.devices()[:num_devices])
+  run = lambda f: grow_lib.sample_candidates(
+      stub, table, enc, np.arange(len(enc)), seed=5, num_decodes=4, temperature=1.0,
+      max_decode_len=16, decode_length_ratio=None, mesh=mesh, batch_size=8, compact_factor=f)
+  plain = run(0)
+  assert not calls
+  lengths = plain['lengths'][plain['lengths'] > 0]
+  assert len(np.unique(lengths)) >= 5  # candidates end at many steps
+  for factor in (2, 4):
+    calls.clear()
+    got = run(factor)
+    assert calls, 'no batch was compacted'
+    assert all(c % num_devices == 0 and c >= 8 for c in calls)
+    for k in ('tokens', 'lengths'):
+      np.testing.assert_array_equal(got[k], plain[k])
+    for k in ('logprob_sampling', 'logprob_policy'):
+      np.testing.assert_allclose(got[k], plain[k], rtol=1e-5, atol=1e-5)
+
+
+def test_compaction_sizes():
+  assert grow_lib.compaction_sizes(256, 4) == [256, 64, 16]
+  assert grow_lib.compaction_sizes(256, 2, min_rows=32) == [256, 128, 64, 32]
+  assert grow_lib.compaction_sizes(96, 4, multiple=8) == [96, 24, 8]
+  assert grow_lib.compaction_sizes(64, 0) == [64]
+  assert grow_lib.compaction_sizes(8, 4) == [8]

@@ -182,3 +182,8 @@ def test_run_batched_groupings_and_shapes():
   np.testing.assert_array_equal(out['n'], np.array(lens) + 100 * np.arange(5))
   with pytest.raises(ValueError, match='unknown grouping'):
     inference.run_batched(step, {'tokens': tokens}, trim=('tokens',), grouping='longest')
+  # 'row' batches hold one bucket each, rows ordered by length inside it (stable on ties).
+  keys = np.array([16, 32, 16, 32, 16, 16])
+  plan = inference.plan_batches(keys, 2, 'row', lengths=np.array([3, 20, 5, 17, 2, 3]))
+  assert [list(b) for b in plan] == [[4, 0], [5, 2], [3, 1]]
+  assert [list(b) for b in inference.plan_batches(keys, 2, 'row')] == [[0, 2], [4, 5], [1, 3]]
