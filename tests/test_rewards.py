@@ -477,6 +477,34 @@ def test_scoring_with_a_metric_reward(grow_dir, tmp_path):
   assert manifest['histograms']['reference']['reward'] == [0] * 19 + [12]
 
 
+
+def test_metrics_in_worker_processes_write_the_same_bytes(grow_dir, tmp_path, monkeypatch):
+  kw = dict(grow_dir=str(grow_dir), reward='chrf', task='tiny', metrics=('bleu', 'ter'))
+  scoring.score(str(tmp_path / 'inline'), metric_workers=0, **kw)
+  monkeypatch.setattr(metrics, 'MIN_PARALLEL_PAIRS', 1)  # the fixture's chunks are small
+  submitted = []
+  real_submit = metrics.MetricPool.submit
+  monkeypatch.setattr(metrics.MetricPool, 'submit', lambda self, *a: (
+      submitted.append(self.num_workers), real_submit(self, *a))[1])
+  scoring.score(str(tmp_path / 'pool'), metric_workers=2, **kw)
+  assert submitted == [2] * K
+  for f in scored_files(tmp_path / 'inline'):
+    assert filecmp.cmp(tmp_path / 'inline' / f, tmp_path / 'pool' / f, shallow=False), f
+  pool = metrics.MetricPool(2)
+  try:
+    pairs = (['a b c', '', 'x y'] * 3, ['a b d', 'q', 'x y'] * 3)
+    got = pool.submit(*pairs, ('chrf+ter', 'bleu'))()
+    want = metrics.sentence_rewards(*pairs, ('chrf+ter', 'bleu'))
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match='2 candidates vs 1 references'):
+      pool.submit(['a', 'b'], ['a'])
+    with pytest.raises(ValueError, match='unknown metric'):
+      pool.submit(['a'], ['a'], ('rouge',))
+  finally:
+    pool.close()
+
 class NanScorer:
   """Scores 0.5 except NaN for the candidate of `bad_key`."""
 

@@ -73,7 +73,8 @@ def _chunk_counts(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -
 
 def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
                   metrics: Sequence[str], scorer=None, batch_size: int = 64,
-                  where: str = 'records') -> list[dict[str, Any]]:
+                  where: str = 'records',
+                  metric_pool: metrics_lib.MetricPool | None = None) -> list[dict[str, Any]]:
   """The records with `reward`, `reward_raw` and one field per metric added (all float).
 
   Args:
@@ -81,6 +82,8 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
       reward (`verifiers.VERIFIER_REWARDS`; a candidate whose ids do not end with EOS hit the
       length limit and is 'truncated': reward 0) or a metric.
     where: names the records in errors (e.g. the chunk file).
+    metric_pool: computes the sentence metrics in worker processes while the reward model runs
+      (None: in-process, first).
 
   Returns:
     The records with the float fields added and, for a verifier reward, `reason` (str, one of
@@ -93,7 +96,8 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
   refs = [r['reference'] for r in records]
   is_metric = reward != 'rm' and reward not in verifiers.VERIFIER_REWARDS
   names = list(dict.fromkeys(list(metrics) + ([reward] if is_metric else [])))
-  values = metrics_lib.sentence_rewards(cands, refs, names) if names else {}
+  pending = (metric_pool or metrics_lib.MetricPool(0)).submit(cands, refs, names)
+  values = {}
   reasons = None
   if reward in verifiers.VERIFIER_REWARDS:
     verdicts = [verifiers.verify(r['candidate'], r['reference'],
@@ -107,7 +111,8 @@ def score_records(records: Sequence[Mapping[str, Any]], *, reward: str,
                                        [r['candidate_ids'] for r in records], batch_size),
                      np.float32)
     values['reward_raw'], values['reward'] = raw, np.asarray(scorer.calibrate(raw), np.float32)
-  else:
+  values.update(pending())
+  if is_metric:
     values['reward_raw'] = values['reward'] = values[reward]
   fields = ['reward', 'reward_raw'] + list(metrics)
   for f in ['reward_raw'] + fields:
@@ -143,6 +148,9 @@ def make_reward_scorer(reward: str, detokenize, rm_dir: str | None = None, mesh=
   return metrics_lib.MetricScorer(reward, detokenize)
 
 
+METRIC_WORKERS = min(8, os.cpu_count() or 1)
+
+
 @gin.configurable(denylist=['output_dir', 'scorer', '_stop_after_chunks'])
 def score(output_dir: str,
           grow_dir: str = gin.REQUIRED,
@@ -151,6 +159,7 @@ def score(output_dir: str,
           reward: str = 'rm',
           metrics: Sequence[str] = metrics_lib.METRICS,
           batch_size: int = 64,
+          metric_workers: int = METRIC_WORKERS,
           scorer=None,
           _stop_after_chunks: int | None = None) -> dict[str, Any]:
   """Scores every record of a finished Grow (module docstring); resumable per chunk.
@@ -169,6 +178,9 @@ def score(output_dir: str,
       of a worked solution mean nothing).
     batch_size: reward-model rows per forward pass (not a setting: it does not change scores
       beyond float rounding).
+    metric_workers: processes computing the `metrics` of a chunk while the reward model scores
+      it (`metrics.MetricPool`; 0: in-process; chunks under `metrics.MIN_PARALLEL_PAIRS` records
+      always in-process); not a setting: the values are the same.
     scorer: a `RewardScorer` to use instead of loading `rm_dir` (tests).
     _stop_after_chunks: test hook: raise `ScoringInterrupted` after this many chunks.
 
@@ -221,11 +233,12 @@ def score(output_dir: str,
              disable=jax.process_index() != 0)
   made = 0
   # The hosts of a job and independent workers share the chunks (`records.claim_chunks`).
-  with contextlib.closing(records_lib.claim_chunks(output_dir, kind, K)) as claimed:
+  with contextlib.closing(records_lib.claim_chunks(output_dir, kind, K)) as claimed, \
+       contextlib.closing(metrics_lib.MetricPool(metric_workers)) as pool:
     for k in claimed:
       records = score_records(records_lib.read_records(chunks[k]), reward=reward,
                               metrics=metrics, scorer=scorer, batch_size=batch_size,
-                              where=chunks[k])
+                              where=chunks[k], metric_pool=pool)
       records_lib.write_chunk(output_dir, kind, k, K, records,
                               {'records': len(records),
                                'by_origin': _chunk_counts(records, fields)},
