@@ -281,3 +281,120 @@ def fmt_num(x: float | None, digits: int = 0) -> str:
 
 def fmt_flops(x: float | None) -> str:
   return '-' if x is None else f'{x / 1e9:,.1f} GFLOP/s'
+
+
+# -------------------------------------------------------------------------------------------------
+# Profiles: XLA op times from a jax.profiler trace, by op class.
+# -------------------------------------------------------------------------------------------------
+
+def trace_op_times(trace_dir: str) -> dict[str, tuple[float, int]] | None:
+  """Event name -> (total ms, count) of XLA's ops in the newest perfetto trace under trace_dir."""
+  import glob
+  import gzip
+  import json
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True) +
+                 glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    return None
+  with gzip.open(files[-1], 'rt') as f:
+    data = json.load(f)
+  events = data['traceEvents'] if isinstance(data, dict) else data
+  # Thread names, to keep XLA's executor threads and drop Python/host bookkeeping.
+  threads = {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      threads[(e.get('pid'), e.get('tid'))] = e.get('args', {}).get('name', '')
+  totals: dict[str, list[float]] = {}
+  for e in events:
+    if e.get('ph') != 'X' or 'dur' not in e:
+      continue
+    name = e.get('name', '')
+    tname = threads.get((e.get('pid'), e.get('tid')), '')
+    if 'python' in tname.lower() or name.startswith('$') or '::' in name:
+      continue
+    t = totals.setdefault(name, [0.0, 0])
+    t[0] += float(e['dur']) / 1e3
+    t[1] += 1
+  return {n: (ms, int(c)) for n, (ms, c) in totals.items()}
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
+  """Instruction name -> {'hlo': 'opcode shape', 'op_name': JAX's op_name} from compiled HLO."""
+  import re
+  out = {}
+  pat = re.compile(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(')
+  op_name = re.compile(r'op_name="([^"]*)"')
+  for line in hlo_text.splitlines():
+    m = pat.match(line)
+    if m and m.group(1) not in out:
+      shape = re.sub(r'\{[^}]*\}', '', m.group(2))
+      kind = 'ynn_gemm' if '__ynn_fusion' in line else m.group(3)
+      meta = op_name.search(line)
+      out[m.group(1)] = {'hlo': f'{kind} {shape}'[:60], 'op_name': meta.group(1) if meta else ''}
+  return out
+
+
+# Op classes of a train step or a decode step, in the order they are tested (first match wins).
+OP_CLASSES = ('dropout (RNG + mask)', 'output projection (tied, [tokens, vocab] GEMMs)',
+              'embedding look-up + gradient', 'softmax / cross-entropy / accuracy',
+              'attention (QK^T, softmax, PV)', 'layer norm', 'matmuls (Q/K/V/out, MLP)',
+              'elementwise in layers (bias, ReLU, residual)', 'optimizer (AdamW, clipping)',
+              'other')
+
+
+def op_class(op_name: str, hlo: str) -> str:
+  """The class of one XLA op from its JAX op_name (the Flax module path) and HLO opcode.
+
+  'softmax / cross-entropy / accuracy' is the loss in a train step and the sampling
+  (`decoding.sample_logits`) in a decode step; 'attention' includes the KV-cache write.
+  Fused ops carry the op_name of their root; XLA's CPU backend runs GEMMs as `dot` or YNNPACK
+  (`ynn_gemm`) fusions.
+  """
+  is_gemm = hlo.startswith(('dot', 'ynn_gemm'))
+  if not op_name and hlo.startswith('dot') and hlo.count(',') == 3:
+    # XLA drops the metadata of some batched dots: the [batch, heads, q, k|kv] attention GEMMs.
+    return OP_CLASSES[4]
+  if any(k in op_name for k in ('Dropout', 'threefry', 'bernoulli', 'random_bits')):
+    return OP_CLASSES[0]
+  if 'token_embedder.attend' in op_name:
+    return OP_CLASSES[1]
+  if 'token_embedder' in op_name:
+    return OP_CLASSES[2]
+  if 'Transformer' not in op_name and 'jvp(' in op_name:  # the loss on the logits
+    return OP_CLASSES[3]
+  if 'attention' in op_name and ('->' in op_name or 'softmax' in op_name or
+                                 any(k in op_name for k in ('reduce_max', '/exp', 'select_n',
+                                                            'reduce_sum', '/div',
+                                                            'dynamic_update_slice'))):
+    return OP_CLASSES[4]
+  if 'layer_norm' in op_name or '_norm/' in op_name:
+    return OP_CLASSES[5]
+  if is_gemm and 'Transformer' in op_name:
+    return OP_CLASSES[6]
+  if 'Transformer' in op_name:
+    return OP_CLASSES[7]
+  if 'jvp(' not in op_name and op_name.startswith('jit(_step)'):
+    return OP_CLASSES[8]
+  return OP_CLASSES[9]
+
+
+def op_class_table(times: dict[str, tuple[float, int]], ops: dict[str, dict[str, str]],
+                   steps: int) -> list[dict]:
+  """Per op class: ms per step, share of the traced op time, forward / backward split."""
+  acc: dict[str, dict] = {c: {'class': c, 'ms_per_step': 0.0, 'forward_ms': 0.0,
+                              'backward_ms': 0.0, 'ops': 0} for c in OP_CLASSES}
+  for name, (ms, _) in times.items():
+    info = ops.get(name, {'hlo': '', 'op_name': ''})
+    row = acc[op_class(info['op_name'], info['hlo'])]
+    row['ms_per_step'] += ms / steps
+    row['ops'] += 1
+    if 'transpose(jvp' in info['op_name']:
+      row['backward_ms'] += ms / steps
+    elif 'jvp(' in info['op_name']:
+      row['forward_ms'] += ms / steps
+  total = sum(r['ms_per_step'] for r in acc.values()) or 1.0
+  rows = [r for r in acc.values() if r['ops']]
+  for r in rows:
+    r['share'] = r['ms_per_step'] / total
+  return rows

@@ -138,6 +138,20 @@ class RestJaxSide:
     }
     out = {n: common.median_time(f, warmup=2, repeats=max(a.repeats, 3), inner=10)['seconds']
            * 1e3 for n, f in parts.items()}
+    # The model's decode step by op class, from a trace of 10 steps.
+    import tempfile
+    ops = common.hlo_ops(step.lower(self.params, state['cache'], tokens).compile().as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(10):
+          model_step()
+      times = common.trace_op_times(trace_dir)
+    if times:
+      classes = common.op_class_table(times, ops, 10)
+      print(f'\nrest-jax decode step ({bn} rows) by op class (ms per step, traced):')
+      common.print_table([[r['class'], f"{r['ms_per_step']:,.2f}", f"{100 * r['share']:.0f}%",
+                           r['ops']] for r in classes], ['class', 'ms/step', 'share', 'ops'])
+      out['decode_step_op_classes'] = classes
     return out
 
 
@@ -281,6 +295,8 @@ def main(argv=None) -> dict:
                   profile['decode step: sampling (sample_logits)'])
     rows = []
     for n, ms in profile.items():
+      if not isinstance(ms, float):
+        continue
       share = f'{100 * ms / step_total:.0f}% of step' if n.startswith('decode step') else ''
       rows.append([n, f'{ms:,.2f}', share])
     rows.append([f'x {args.new_tokens} steps (model + sampling)',
@@ -308,7 +324,9 @@ def main(argv=None) -> dict:
       'timestamp': common.timestamp(),
   }
   if profile:
-    out['profile_ms'] = profile
+    out['profile_ms'] = {n: ms for n, ms in profile.items() if isinstance(ms, float)}
+    if 'decode_step_op_classes' in profile:
+      out['profile_decode_step_op_classes'] = profile['decode_step_op_classes']
   if args.json:
     common.write_json(args.json, out)
     print(f'wrote {args.json}')

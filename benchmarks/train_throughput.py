@@ -153,52 +153,6 @@ class TorchSide:
 # Profiling (rest-jax).
 # -------------------------------------------------------------------------------------------------
 
-def _trace_top_ops(trace_dir: str, top: int = 15) -> list[tuple[str, float, int]] | None:
-  """(name, total ms, count) of the longest event names in the perfetto trace under trace_dir."""
-  import glob
-  import gzip
-  import json
-  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True) +
-                 glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                           recursive=True), key=os.path.getmtime)
-  if not files:
-    return None
-  with gzip.open(files[-1], 'rt') as f:
-    data = json.load(f)
-  events = data['traceEvents'] if isinstance(data, dict) else data
-  # Thread names, to keep XLA's executor threads and drop Python/host bookkeeping.
-  threads = {}
-  for e in events:
-    if e.get('ph') == 'M' and e.get('name') == 'thread_name':
-      threads[(e.get('pid'), e.get('tid'))] = e.get('args', {}).get('name', '')
-  totals: dict[str, list[float]] = {}
-  for e in events:
-    if e.get('ph') != 'X' or 'dur' not in e:
-      continue
-    name = e.get('name', '')
-    tname = threads.get((e.get('pid'), e.get('tid')), '')
-    if 'python' in tname.lower() or name.startswith('$') or '::' in name:
-      continue
-    t = totals.setdefault(name, [0.0, 0])
-    t[0] += float(e['dur']) / 1e3
-    t[1] += 1
-  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
-  return [(n, ms, int(c)) for n, (ms, c) in ranked[:top]]
-
-
-def _hlo_shapes(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> 'opcode shape' from compiled HLO text (to label the trace's ops)."""
-  import re
-  out = {}
-  pat = re.compile(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(')
-  for line in hlo_text.splitlines():
-    m = pat.match(line)
-    if m:
-      shape = re.sub(r'\{[^}]*\}', '', m.group(2))
-      out.setdefault(m.group(1), f'{m.group(3)} {shape}'[:60])
-  return out
-
-
 def profile_rest_jax(side: RestJaxSide, flops: dict[str, float], out_dir: str, args
                      ) -> dict:
   import jax
@@ -207,13 +161,13 @@ def profile_rest_jax(side: RestJaxSide, flops: dict[str, float], out_dir: str, a
   trainer, model = side.trainer, side.model
 
   # 1. XLA's cost analysis of the compiled step.
-  shapes = {}
+  ops: dict[str, dict[str, str]] = {}
   try:
     with trainer.mesh_context():
       compiled = trainer._train_step.lower(  # pylint: disable=protected-access
           side.state, side.batch, jax.random.PRNGKey(trainer.seed)).compile()
     try:
-      shapes = _hlo_shapes(compiled.as_text())
+      ops = common.hlo_ops(compiled.as_text())
     except Exception:  # pragma: no cover
       pass
     cost = compiled.cost_analysis()
@@ -242,14 +196,23 @@ def profile_rest_jax(side: RestJaxSide, flops: dict[str, float], out_dir: str, a
   except TypeError:  # older jax without create_perfetto_trace
     with jax.profiler.trace(out_dir):
       side.run(n_traced)
-  top = _trace_top_ops(out_dir)
-  if top:
+  times = common.trace_op_times(out_dir)
+  if times:
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:15]
     print(f'\nTop XLA ops in the trace (ms per step, {n_traced} steps traced; shapes from the '
           'compiled HLO):')
-    common.print_table([[n[:40], shapes.get(n, ''), f'{ms / n_traced:,.1f}']
-                        for n, ms, c in top], ['op', 'HLO', 'ms/step'])
-    report['trace_top_ops'] = [{'name': n, 'hlo': shapes.get(n, ''),
-                                'ms_per_step': ms / n_traced, 'count': c} for n, ms, c in top]
+    common.print_table([[n[:40], ops.get(n, {}).get('hlo', ''), f'{ms / n_traced:,.1f}']
+                        for n, (ms, c) in top], ['op', 'HLO', 'ms/step'])
+    report['trace_top_ops'] = [{'name': n, 'hlo': ops.get(n, {}).get('hlo', ''),
+                                'op_name': ops.get(n, {}).get('op_name', ''),
+                                'ms_per_step': ms / n_traced, 'count': c}
+                               for n, (ms, c) in top]
+    classes = common.op_class_table(times, ops, n_traced)
+    print('\nThe traced op time by class (ms per step; forward / backward from JAX\'s op_name):')
+    common.print_table([[r['class'], f"{r['ms_per_step']:,.1f}", f"{100 * r['share']:.0f}%",
+                         f"{r['forward_ms']:,.1f}", f"{r['backward_ms']:,.1f}", r['ops']]
+                        for r in classes], ['class', 'ms/step', 'share', 'fwd', 'bwd', 'ops'])
+    report['op_classes'] = classes
 
   # 3. Components, each jitted alone.
   params = side.state.params

@@ -184,6 +184,29 @@ def test_dropout_only_with_rng():
   assert not np.allclose(a, c)
 
 
+def test_dropout_mask_rate_scale_and_key():
+  from rest_jax.models.transformer import Dropout
+  x = jnp.ones((64, 33, 257), jnp.float32)  # odd last axis: the halves of a uint32 overlap
+  drop = Dropout(0.1)
+  y = np.asarray(jit(lambda r: drop.apply({}, x, deterministic=False, rngs={'dropout': r}))(
+      jax.random.PRNGKey(3)))
+  t = round(0.9 * 65536)
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], 65536 / t, rtol=1e-6)  # E[y] = x exactly
+  # Keep rate t / 2**16 = 0.9000: 543,168 draws, 4 standard deviations = 0.0016.
+  assert abs(kept.mean() - t / 65536) < 0.0016, kept.mean()
+  # Each uint32 gives positions j and j + 129: the two halves are independent bits.
+  lo, hi = kept[..., :128], kept[..., 129:257]
+  assert abs((lo & hi).mean() - (t / 65536) ** 2) < 0.003
+  again = jit(lambda r: drop.apply({}, x, deterministic=False, rngs={'dropout': r}))(
+      jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(y, again)
+  other = jit(lambda r: drop.apply({}, x, deterministic=False, rngs={'dropout': r}))(
+      jax.random.PRNGKey(4))
+  assert (np.asarray(other) != y).mean() > 0.1
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+
+
 def test_overfits_small_dataset():
   config = TransformerConfig(vocab_size=32, emb_dim=32, num_heads=2, head_dim=16,
                              mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,

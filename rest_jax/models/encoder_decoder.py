@@ -190,7 +190,8 @@ class EncoderDecoderModel(base.PolicyModel):
     Returns:
       (loss [] f32, metrics) with scalar metrics:
         'loss': the loss above; 'nll': same weighting without smoothing (nats);
-        'accuracy': argmax accuracy over tokens with w > 0 (unweighted);
+        'accuracy': argmax accuracy over tokens with w > 0 (unweighted; a target tied with
+          the maximum logit counts as correct);
         'num_tokens': sum(w).
     """
     logits = self.compute_logits(params, batch, dropout_rng)
@@ -208,7 +209,10 @@ class EncoderDecoderModel(base.PolicyModel):
     loss = jnp.sum(jnp.where(nz, weights * token_loss, 0.0)) / denom
     nll = jnp.sum(jnp.where(nz, weights * token_nll, 0.0)) / denom
     active = (weights > 0).astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # The target's logit is the maximum: argmax accuracy up to exact ties, without the variadic
+    # (value, index) reduction of jnp.argmax (~4% of a `tiny` CPU train step).
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     accuracy = jnp.sum(correct * active) / jnp.maximum(jnp.sum(active), 1.0)
     metrics = {'loss': loss, 'nll': nll, 'accuracy': accuracy, 'num_tokens': total_w}
     return loss, metrics
