@@ -347,7 +347,7 @@ def op_class(op_name: str, hlo: str) -> str:
   """The class of one XLA op from its JAX op_name (the Flax module path) and HLO opcode.
 
   'softmax / cross-entropy / accuracy' is the loss in a train step and the sampling
-  (`decoding.sample_logits`) in a decode step; 'attention' includes the KV-cache write.
+  (`sampling.sample_logits`) in a decode step; 'attention' includes the KV-cache write.
   Fused ops carry the op_name of their root; XLA's CPU backend runs GEMMs as `dot` or YNNPACK
   (`ynn_gemm`) fusions.
   """

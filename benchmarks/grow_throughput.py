@@ -29,7 +29,7 @@ nothing is downloaded.
 
 `--profile`: one rest-jax decode step on the expanded batch (256 rows), split into the model step
 (`EncoderDecoderModel.decode_step`: embedding, 3/6 decoder layers with KV cache, output projection)
-and the sampling step (`decoding.sample_logits` on [256, 8000] logits), each jitted alone, plus
+and the sampling step (`sampling.sample_logits` on [256, 8000] logits), each jitted alone, plus
 the encoder + cache set-up (`init_decode_cache`).
 """
 
@@ -108,7 +108,7 @@ class RestJaxSide:
     """One decode step on the expanded batch, model vs sampling, each jitted alone (ms)."""
     import jax
     import jax.numpy as jnp
-    from rest_jax import decoding
+    from rest_jax import decoding, sampling
     a = self.args
     bn = self.enc.shape[0] * a.num_decodes
     init_cache = jax.jit(lambda p, e: self.model.init_decode_cache(p, e, a.new_tokens))
@@ -126,7 +126,7 @@ class RestJaxSide:
     def model_step():
       _, state['cache'] = step(self.params, state['cache'], tokens)
       jax.block_until_ready(state['cache'])
-    sample = jax.jit(functools.partial(decoding.sample_logits, temperature=a.temperature))
+    sample = jax.jit(functools.partial(sampling.sample_logits, temperature=a.temperature))
     u = jax.random.uniform(jax.random.PRNGKey(0), (bn,))
     enc = self.enc
     parts = {

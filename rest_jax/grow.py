@@ -189,7 +189,7 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       chunk, device or host layout.
     seed: Grow seed.
     num_decodes: N candidates per source.
-    temperature, topk, topp: sampling distribution (`decoding.sample_logits`; temperature
+    temperature, topk, topp: sampling distribution (`sampling.sample_logits`; temperature
       <= 1e-4 is greedy).
     max_decode_len: L, tokens per candidate incl. EOS.
     decode_length_ratio: candidates of a source in length bucket s stop after
