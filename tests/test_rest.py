@@ -125,7 +125,7 @@ def test_report_plots_draw_oracle_and_alarms_and_keep_text_inside(tmp_path, monk
   assert drawn['lines']['test RM reward'] == [s['test_reward'] for s in stages]
   names = [s['name'] for s in stages]
   alarmed = sorted({names.index(a['stage']) for a in report['alarms']})
-  assert alarmed == [3, 4]  # G1I2 and G1I3 (report.json): one shaded band each.
+  assert alarmed == [4, 8]  # G1I3 and G2I3 (report.json): one shaded band each.
   np.testing.assert_allclose(drawn['spans'], alarmed)
   assert os.path.exists(tmp_path / 'rest' / 'plots' / 'reward_hist_grow_2.png')
 
