@@ -1,6 +1,7 @@
 """Autoregressive decoding: temperature / top-k / top-p sampling and beam search.
 
-Each step's draw is :func:`rest_jax.sampling.sample_logits`; this module holds the loops.
+The samplers' per-step draw is :func:`rest_jax.sampling.sample_logits`; this module holds
+the decoding loops.
 
 Pure functions driven by a ``tokens_to_logits`` callback, in the style of
 t5x's ``decoding.py`` (github.com/google-research/t5x, t5x/decoding.py); the

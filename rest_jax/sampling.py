@@ -1,12 +1,13 @@
 """One decoding step's draw: temperature / top-k / top-p sampling from logits.
 
-``sample_logits`` is the sampler every decoder here uses (``decoding.temperature_sample``
-and through it Grow, the E-step, evaluation and the online-RL rollouts). It is pure and
+``sample_logits`` is the per-step draw of ``decoding.temperature_sample`` and
+``decoding.greedy_decode`` (and through them of Grow, the E-step, evaluation and the
+online-RL rollouts; beam search does not sample). It is pure and
 batched over rows (``[rows, vocab]``), takes one uniform per row (all its randomness,
 so a row's draw does not depend on the other rows), and is built for CPU speed: an
 inverse-CDF draw instead of Gumbel-max, a two-level CDF and argmax over large
 vocabularies, and a sort-free nucleus (our choices; the distributions are the standard
-ones, exactly). Split out of ``decoding.py`` so each module holds one concept.
+ones, exactly).
 
 Only jax and numpy are imported.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from jax import lax
 
 PAD_ID = 0  # The decoder start token and the padding after EOS: never sampled.
-NEG_INF = -1.0e7  # finite "minus infinity" for beam bookkeeping (as in t5x)
+NEG_INF = -1.0e7  # finite "minus infinity" (as in t5x): masks PAD here, dead beams in beam search
 # Static temperatures at or below this are treated as greedy (argmax).
 MIN_TEMPERATURE = 1e-4
 
