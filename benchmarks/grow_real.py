@@ -9,22 +9,26 @@
    (`checkpoints/bc_tiny_libreoffice_de_en/params.npz`, the `tiny` model) on `--num-sources`
    libreoffice_help_de_en train sources (every `--source-every`-th, so they span the split), N = 8
    at T = 0.8, EOS on, `--batch-size` sources per batch, length buckets 16/32/64/128 and
-   `decode_length_ratio` 2 as in the main job. It runs twice in one process into two fresh
-   directories: the first compiles one sampler per length bucket (`cold`), the second reuses them
-   (`warm`: the steady state of a long Grow). Figures from each run's `manifest.json`:
+   `decode_length_ratio` 2 as in the main job. It runs in one process into fresh directories:
+   the first run compiles the samplers (one per length bucket, row count and cache window:
+   `cold`), the later ones reuse them (`warm`: the steady state of a long Grow). Figures from each run's `manifest.json`:
    `sampled_tokens_per_second` = non-PAD generated tokens (EOS included) / sampling seconds;
    reference scoring and record building + writing seconds beside it.
 
-`ratio` = warm real sampled tok/s / synthetic tok/s (issue 16's goal: >= 0.8). The synthetic
-benchmark runs every row for 64 steps; a real batch runs until its longest sample ends (or its
-bucket's length bound), so rows that finished early cost steps they do not fill. The machine must
-be otherwise idle (see benchmarks/README.md).
+The synthetic and the warm real runs alternate, `--rounds` times (on a shared 2-core machine the
+speed drifts by tens of percent over minutes; alternating exposes both to the same drift):
+`ratio` = the median over rounds of (warm real sampled tok/s / synthetic tok/s of the same
+round) (issue 16's goal: >= 0.8). The synthetic benchmark runs every row for 64 steps; a real
+batch runs until its longest sample ends (or its bucket's length bound), so rows that finished
+early cost steps they do not fill. The machine must be otherwise idle (see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -49,18 +53,25 @@ def make_model():
   return gin.query_parameter('%MODEL').scoped_configurable_fn()
 
 
-def real_grow(args, out_dir: str, model) -> dict:
-  """One `grow` run; its manifest's timings and counts."""
+def real_grow(args, name: str, model) -> dict:
+  """One `grow` run into a fresh temporary directory; its manifest's timings and counts."""
   from rest_jax import fileio, grow as grow_lib
-  grow_lib.grow(out_dir, model=model, policy_dir=args.policy, task=TASK, num_decodes=8,
-                temperature=0.8, max_decode_len=128, decode_length_ratio=2.0,
-                batch_size=args.batch_size, compact_factor=args.compact_factor,
-                chunk_size=args.num_sources,
-                max_sources=args.num_sources, source_every=args.source_every, seed=0)
-  m = fileio.read_json(os.path.join(out_dir, 'manifest.json'))
+  with tempfile.TemporaryDirectory(prefix=f'rest_jax_grow_real_{name}_') as d:
+    out_dir = os.path.join(d, 'grow')
+    grow_lib.grow(out_dir, model=model, policy_dir=args.policy, task=TASK, num_decodes=8,
+                  temperature=0.8, max_decode_len=128, decode_length_ratio=2.0,
+                  batch_size=args.batch_size, compact_factor=args.compact_factor,
+                  first_window=args.first_window, chunk_size=args.num_sources,
+                  max_sources=args.num_sources, source_every=args.source_every, seed=0)
+    m = fileio.read_json(os.path.join(out_dir, 'manifest.json'))
   keys = ('sample_seconds', 'reference_score_seconds', 'write_seconds', 'wall_seconds',
           'sampled_tokens_per_second', 'generated_tokens_this_run')
-  return dict({k: m[k] for k in keys}, counts=m['counts'])
+  r = dict({k: m[k] for k in keys}, counts=m['counts'])
+  print(f'  real Grow ({name}): {r["generated_tokens_this_run"]:,} tokens, sampling '
+        f'{r["sample_seconds"]:.1f} s = {r["sampled_tokens_per_second"]:,.0f} tok/s; '
+        f'reference scoring {r["reference_score_seconds"]:.1f} s, records '
+        f'{r["write_seconds"]:.1f} s', flush=True)
+  return r
 
 
 def main(argv=None) -> dict:
@@ -73,39 +84,52 @@ def main(argv=None) -> dict:
   p.add_argument('--compact-factor', type=int, default=None,
                  help='finished rows leave a batch in steps of this factor (0: never; default: '
                       'grow.COMPACT_FACTOR)')
-  p.add_argument('--repeats', type=int, default=3, help='synthetic benchmark: timed runs')
+  p.add_argument('--first-window', type=int, default=None,
+                 help='decoding starts with a cache of this many positions (0: full length; '
+                      'default: grow.FIRST_WINDOW)')
+  p.add_argument('--repeats', type=int, default=3, help='synthetic benchmark: timed runs a round')
+  p.add_argument('--rounds', type=int, default=3,
+                 help='alternations of (synthetic benchmark, warm real Grow)')
   args = p.parse_args(argv)
   common.warn_if_busy()
+  from rest_jax import grow as grow_lib
   if args.compact_factor is None:
-    from rest_jax import grow as grow_lib
     args.compact_factor = grow_lib.COMPACT_FACTOR
+  if args.first_window is None:
+    args.first_window = grow_lib.FIRST_WINDOW
 
-  print('synthetic: grow_throughput.py --arch tiny --sides rest_jax', flush=True)
-  synthetic = grow_throughput.main(['--arch', 'tiny', '--sides', 'rest_jax',
-                                    '--repeats', str(args.repeats)])
-  synthetic_tps = synthetic['rest_jax_tokens_per_s']
-  runs = {}
   model = make_model()
-  for name in ('cold', 'warm'):
-    with tempfile.TemporaryDirectory(prefix=f'rest_jax_grow_real_{name}_') as d:
-      runs[name] = real_grow(args, os.path.join(d, 'grow'), model)
-    r = runs[name]
-    print(f'  real Grow ({name}): {r["generated_tokens_this_run"]:,} tokens, sampling '
-          f'{r["sample_seconds"]:.1f} s = {r["sampled_tokens_per_second"]:,.0f} tok/s; '
-          f'reference scoring {r["reference_score_seconds"]:.1f} s, records '
-          f'{r["write_seconds"]:.1f} s', flush=True)
+  cold = real_grow(args, 'cold', model)
+  rounds = []
+  for r in range(args.rounds):
+    print(f'round {r + 1}: synthetic (grow_throughput.py --arch tiny --sides rest_jax), then '
+          'the warm real Grow', flush=True)
+    synthetic = grow_throughput.main(['--arch', 'tiny', '--sides', 'rest_jax',
+                                      '--repeats', str(args.repeats)])
+    warm = real_grow(args, 'warm', model)
+    rounds.append(dict(synthetic_tokens_per_s=synthetic['rest_jax_tokens_per_s'], warm=warm,
+                       ratio=warm['sampled_tokens_per_second']
+                       / synthetic['rest_jax_tokens_per_s']))
+  mid = sorted(rounds, key=lambda x: x['ratio'])[(len(rounds) - 1) // 2]  # the median round
+  med = lambda xs: float(statistics.median(xs))  # noqa: E731
   out = dict(benchmark='grow_real', arch='tiny', policy=os.path.relpath(args.policy, common.REPO),
              task=TASK, num_sources=args.num_sources, source_every=args.source_every,
-             batch_size=args.batch_size, compact_factor=args.compact_factor, num_decodes=8,
-             temperature=0.8,
-             synthetic_tokens_per_s=synthetic_tps, real=runs,
-             real_tokens_per_s=runs['warm']['sampled_tokens_per_second'],
-             ratio=runs['warm']['sampled_tokens_per_second'] / synthetic_tps,
+             batch_size=args.batch_size, compact_factor=args.compact_factor,
+             first_window=args.first_window, num_decodes=8, temperature=0.8,
+             synthetic_tokens_per_s=med([x['synthetic_tokens_per_s'] for x in rounds]),
+             real=dict(cold=cold, warm=mid['warm']),
+             real_tokens_per_s=med([x['warm']['sampled_tokens_per_second'] for x in rounds]),
+             ratio=med([x['ratio'] for x in rounds]),
+             rounds=[dict(synthetic_tokens_per_s=x['synthetic_tokens_per_s'],
+                          real_tokens_per_s=x['warm']['sampled_tokens_per_second'],
+                          real_sample_seconds=x['warm']['sample_seconds'], ratio=x['ratio'])
+                     for x in rounds],
              synthetic_settings=synthetic['settings'],
              versions=common.versions('jax', 'jaxlib', 'flax'), machine=common.machine_info(),
              timestamp=common.timestamp())
-  print(f'real / synthetic = {out["ratio"]:.2f} ({out["real_tokens_per_s"]:,.0f} / '
-        f'{synthetic_tps:,.0f} tok/s)', flush=True)
+  print(f'real / synthetic = {out["ratio"]:.2f}, median of ' + ', '.join(
+      f'{x["ratio"]:.2f}' for x in rounds) + f' ({out["real_tokens_per_s"]:,.0f} / '
+        f'{out["synthetic_tokens_per_s"]:,.0f} tok/s, medians)', flush=True)
   if args.json:
     common.write_json(args.json, out)
   return out

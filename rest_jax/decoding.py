@@ -208,9 +208,11 @@ def init_sample_state(cache: Any, *, batch_size: int, max_decode_len: int, rng,
 
 def sample_steps(state: SampleState, tokens_to_logits: TokensToLogits, *, eos_id: int,
                  temperature=1.0, topk: int = 0, topp: float = 0.0, rng=None,
-                 min_live=0) -> SampleState:
+                 min_live=0, stop_index=None) -> SampleState:
   """Runs the sampling loop from `state` until every row has ended, L tokens were produced,
-  or at most `min_live` rows are still decoding ([] int, may be traced; 0: to the end).
+  at most `min_live` rows are still decoding ([] int, may be traced; 0: to the end), or
+  `cur_index` reached `stop_index` ([] int, may be traced; None: L), e.g. the length of a
+  cache that holds fewer than L positions (`PolicyModel.extend_decode_cache` makes it longer).
 
   Random numbers: candidate row r at step t draws uniform(fold_in(row_keys[r], t)); with one
   shared key (`row_keys` None) step t draws all rows from fold_in(rng, t). Greedy (a static
@@ -227,8 +229,10 @@ def sample_steps(state: SampleState, tokens_to_logits: TokensToLogits, *, eos_id
   else:
     raise ValueError('sampling needs an rng (per-source keys in the state, or one shared key)')
 
+  stop = L if stop_index is None else jnp.minimum(stop_index, L)
+
   def cond_fn(s: SampleState):
-    return (s.cur_index < L) & (jnp.sum(~s.ended) > min_live)
+    return (s.cur_index < stop) & (jnp.sum(~s.ended) > min_live)
 
   def body_fn(s: SampleState):
     i = s.cur_index

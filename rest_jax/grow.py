@@ -52,6 +52,7 @@ from rest_jax import data as data_lib
 from rest_jax import decoding, distributed, fileio, inference, input_pipeline, partitioning
 from rest_jax import records
 from rest_jax import trainer as trainer_lib
+from rest_jax.models import base as model_base
 from rest_jax.models import encoder_decoder
 from rest_jax.models.transformer import EOS_ID
 
@@ -67,27 +68,33 @@ class GrowInterrupted(RuntimeError):
 
 COMPACT_FACTOR = 4  # a batch's rows shrink by this factor as they finish (0: never)
 MIN_COMPACT_ROWS = 8  # ... down to this many rows (rounded up to the mesh's data axis)
+FIRST_WINDOW = 32  # decoding starts with a self-attention cache of this many positions (0: all)
 
 
 @functools.lru_cache(maxsize=16)
-def _sample_programs(model, num_decodes, temperature, topk, topp, max_decode_len):
-  """The jitted pieces of a batch's sampling loop: init, steps (to at most `min_live` live
-  rows) and compact (keep `rows`; its output size is that of `rows`)."""
+def _sample_programs(model, num_decodes, temperature, topk, topp, max_decode_len, first_window):
+  """The jitted pieces of a batch's sampling loop: init (a cache of `first_window` positions),
+  steps (to at most `min_live` live rows, or to `stop_index`), compact (keep `rows`; its output
+  size is that of `rows`) and extend (the cache to `length` positions)."""
   def init(params, encoder_input_tokens, source_index, base_key):
     rng = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(source_index)  # [B, 2] uint32
-    cache = model.init_decode_cache(params, encoder_input_tokens, max_decode_len)
+    cache = model.init_decode_cache(params, encoder_input_tokens, first_window)
     return decoding.init_sample_state(
         cache, batch_size=encoder_input_tokens.shape[0], max_decode_len=max_decode_len, rng=rng,
         num_decodes=num_decodes,
         active=(encoder_input_tokens != 0).any(axis=-1))  # Padding rows end at once.
 
-  def steps(params, state, min_live):
+  def steps(params, state, min_live, stop_index):
     return decoding.sample_steps(state, model.make_tokens_to_logits(params), eos_id=EOS_ID,
                                  temperature=temperature, topk=topk, topp=topp,
-                                 min_live=min_live)
+                                 min_live=min_live, stop_index=stop_index)
+
+  def extend(state, length):
+    return state.replace(cache=model.extend_decode_cache(state.cache, length))
 
   return (jax.jit(init), jax.jit(steps, donate_argnums=1),
-          jax.jit(decoding.compact_sample_state, static_argnums=2))
+          jax.jit(decoding.compact_sample_state, static_argnums=2),
+          jax.jit(extend, static_argnums=1, donate_argnums=0))
 
 
 def compaction_sizes(rows: int, factor: int, min_rows: int = MIN_COMPACT_ROWS,
@@ -106,17 +113,36 @@ def compaction_sizes(rows: int, factor: int, min_rows: int = MIN_COMPACT_ROWS,
     sizes.append(nxt)
 
 
-def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
-                  compact_factor: int, multiple: int, token_logprobs: bool) -> dict:
-  """One batch's candidates, its rows compacted as they finish (the loop of `sample_candidates`).
+def decode_windows(max_decode_len: int, first_window: int) -> list[int]:
+  """The self-attention cache lengths a batch decodes through: first_window, twice that, ...,
+  max_decode_len (the last one); [max_decode_len] alone for first_window 0 or >= it. Our
+  choice: a step's attention reads and masks its whole cache, so a step at position i costs
+  what its cache length costs (on 2 cores a `tiny` step over 256 rows: 15 ms with 32
+  positions, 25 ms with 64; benchmarks/README.md); doubling bounds the compilations at one
+  per window, row count and length bucket."""
+  windows = [max_decode_len]
+  if 0 < first_window < max_decode_len:
+    windows = [first_window]
+    while windows[-1] < max_decode_len:
+      windows.append(min(2 * windows[-1], max_decode_len))
+  return windows
 
-  The loop runs on device until at most the next ladder size of rows is still decoding; the host
-  then copies every row's tokens and log-probs out (by original row) and keeps the live rows only
-  (padded with an ended row to the ladder size), so that the remaining steps cost what the live
-  rows cost. Each row draws from its own key: the tokens are those of an uncompacted loop, up to
-  floating-point rounding of batch-size-dependent kernels.
+
+def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
+                  compact_factor: int, windows: Sequence[int], multiple: int,
+                  token_logprobs: bool) -> dict:
+  """One batch's candidates, its rows compacted as they finish and its cache extended as the
+  decoded positions reach its length (the loop of `sample_candidates`).
+
+  The loop runs on device until at most the next ladder size of rows is still decoding, or the
+  position reaches the cache's length (`windows`, which `programs`' init starts from). The host
+  then copies every row's tokens and log-probs out (by original row) and keeps the live rows
+  only (padded with an ended row to the ladder size), so that the remaining steps cost what the
+  live rows cost, or extends the cache to the next window. Each row draws from its own key: the
+  tokens are those of an uncompacted loop over a full-length cache, up to floating-point rounding
+  of batch-size- and length-dependent kernels.
   """
-  init, steps, compact = programs
+  init, steps, compact, extend = programs
   B, N = enc.shape[0], num_decodes
   state = init(params, enc, source_index, key)
   L = state.sequences.shape[1]
@@ -126,10 +152,10 @@ def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
          'token_logprobs': np.zeros((B * N, L), np.float32),
          'token_logprobs_policy': np.zeros((B * N, L), np.float32)}
   group = N  # rows per 'shared_' cache row
-  level = 0
+  level, window = 0, 0
   while True:
-    last = level + 1 >= len(sizes)
-    state = steps(params, state, 0 if last else sizes[level + 1])
+    min_live = sizes[level + 1] if level + 1 < len(sizes) else 0
+    state = steps(params, state, min_live, windows[window])
     got = jax.device_get({'tokens': state.sequences, 'lengths': state.lengths,
                           'token_logprobs': state.token_logprobs,
                           'token_logprobs_policy': state.token_logprobs_policy,
@@ -138,8 +164,13 @@ def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
     for k in ('tokens', 'lengths', 'token_logprobs', 'token_logprobs_policy'):
       buf[k][row_ids[real]] = got[k][real]
     live = np.flatnonzero(~got['ended'])
-    if last or not len(live) or int(got['cur_index']) >= L:
+    if not len(live) or int(got['cur_index']) >= L:
       break
+    if int(got['cur_index']) >= windows[window]:
+      window += 1
+      state = extend(state, windows[window])
+    if len(live) > min_live:
+      continue
     level = next(i for i in range(len(sizes) - 1, level, -1) if sizes[i] >= len(live))
     filler = np.flatnonzero(got['ended'])[:1]  # some row ended: len(live) < rows in the state
     keep = np.concatenate([live, np.repeat(filler, sizes[level] - len(live))])
@@ -177,7 +208,8 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
                       mesh=None, batch_size: int = 32,
                       progress: Callable[[int], None] | None = None, key=None,
                       token_logprobs: bool = False,
-                      compact_factor: int = COMPACT_FACTOR) -> dict[str, np.ndarray]:
+                      compact_factor: int = COMPACT_FACTOR,
+                      first_window: int = FIRST_WINDOW) -> dict[str, np.ndarray]:
   """Draws `num_decodes` candidates per source from the policy (ReST Grow, sec. 2).
 
   Args:
@@ -209,6 +241,11 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       many times smaller (`compaction_sizes`; 0 never), so a batch does not pay for its finished
       rows until its longest candidate ends. The tokens do not depend on it (each row draws from
       its own key), up to floating-point rounding of batch-size-dependent kernels.
+    first_window: decoding starts with a self-attention cache of this many positions and
+      doubles it whenever the decoded position reaches its length (`decode_windows`; 0: the
+      full length from the start), so that the first steps do not read and mask the positions
+      of the longest candidate; the tokens do not depend on it, up to floating-point rounding
+      of length-dependent kernels. Only for a `PolicyModel` (`extend_decode_cache`).
 
   Returns:
     dict of numpy arrays: 'tokens' [n, N, L] int32 (EOS kept, 0 after), 'logprob_sampling'
@@ -225,12 +262,18 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
   mesh = mesh if mesh is not None else partitioning.create_mesh(devices=jax.local_devices())
   key = jax.random.PRNGKey(seed) if key is None else key
 
+  # A PolicyModel declares `extend_decode_cache`; any other model decodes over a full cache.
+  first = int(first_window) if isinstance(model, model_base.PolicyModel) else 0
+
   def step(buckets, batch):
     steps = data_lib.decode_length(buckets[0], L, decode_length_ratio)
-    programs = _sample_programs(model, N, float(temperature), int(topk), float(topp), steps)
+    windows = decode_windows(steps, first)
+    programs = _sample_programs(model, N, float(temperature), int(topk), float(topp), steps,
+                                windows[0])
     return _sample_batch(programs, params, batch['encoder_input_tokens'], batch['source_index'],
                          key, num_decodes=N, compact_factor=int(compact_factor),
-                         multiple=mesh.shape['data'], token_logprobs=bool(token_logprobs))
+                         windows=windows, multiple=mesh.shape['data'],
+                         token_logprobs=bool(token_logprobs))
   out = inference.run_batched(
       step, {'encoder_input_tokens': enc,
              'source_index': np.asarray(source_indices, np.int64).astype(np.int32)},
@@ -341,6 +384,7 @@ def grow(output_dir: str,
          decode_length_ratio: float | None = 2.0,
          batch_size: int = 32,
          compact_factor: int = COMPACT_FACTOR,
+         first_window: int = FIRST_WINDOW,
          chunk_size: int = 1024,
          seed: int = 0,
          grow_step: int = 1,
@@ -371,6 +415,9 @@ def grow(output_dir: str,
     compact_factor: finished candidates are dropped from a decoding batch, its live rows
       gathered into one this many times smaller (`sample_candidates`; 0: never); not part of
       the settings.
+    first_window: decoding starts with a self-attention cache of this many positions, doubled
+      as the decoded position reaches it (`sample_candidates`; 0: full length); not part of the
+      settings.
     chunk_size: sources per chunk file (the unit of resumption).
     seed: sampling seed; source i uses `fold_in(PRNGKey(sample_seed(seed, grow_step)), i)`.
     grow_step: which Grow of the ReST loop (1, 2, ...), stored in every record; Grow g > 1
@@ -474,7 +521,7 @@ def grow(output_dir: str,
                                   max_decode_len=max_decode_len,
                                   decode_length_ratio=decode_length_ratio, mesh=mesh,
                                   batch_size=batch_size, compact_factor=compact_factor,
-                                  progress=progress)
+                                  first_window=first_window, progress=progress)
       t1 = time.perf_counter()
       ref = score_references(model, params, enc, task_data.arrays['decoder_target_tokens'][rows],
                              mesh=mesh, batch_size=batch_size)

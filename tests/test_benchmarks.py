@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 
 
@@ -43,8 +45,13 @@ def test_grow_real(tmp_path, monkeypatch):
       argv + ['--batch', '2', '--src-len', '8', '--num-decodes', '2', '--new-tokens', '4',
               '--warmup', '0']))
   out = _bench('grow_real').main(['--num-sources', '6', '--source-every', '5000', '--repeats',
-                                  '1', '--json', str(tmp_path / 'real.json')])
+                                  '1', '--rounds', '2', '--json', str(tmp_path / 'real.json')])
   saved = json.loads((tmp_path / 'real.json').read_text())
   assert saved['real']['warm']['counts']['sources'] == 6 == out['num_sources']
   assert saved['real']['warm']['counts']['samples_drawn'] == 48
-  assert saved['ratio'] == saved['real_tokens_per_s'] / saved['synthetic_tokens_per_s']
+  assert saved['real']['cold']['counts'] == saved['real']['warm']['counts']
+  rounds = saved['rounds']
+  assert len(rounds) == 2
+  for r in rounds:
+    assert r['ratio'] == r['real_tokens_per_s'] / r['synthetic_tokens_per_s']
+  assert saved['ratio'] == pytest.approx((rounds[0]['ratio'] + rounds[1]['ratio']) / 2)

@@ -253,8 +253,8 @@ def test_compacted_sampling_draws_the_uncompacted_candidates(monkeypatch, num_de
   programs = grow_lib._sample_programs
 
   def counted(*args):  # counts the compactions (calls of the jitted compact program)
-    init, steps, compact = programs(*args)
-    return init, steps, lambda s, rows, n: calls.append(len(rows)) or compact(s, rows, n)
+    init, steps, compact, extend = programs(*args)
+    return init, steps, lambda s, rows, n: calls.append(len(rows)) or compact(s, rows, n), extend
   monkeypatch.setattr(grow_lib, '_sample_programs', counted)
   mesh = partitioning.create_mesh(devices=jax.devices()[:num_devices])
   run = lambda f: grow_lib.sample_candidates(
@@ -281,3 +281,57 @@ def test_compaction_sizes():
   assert grow_lib.compaction_sizes(96, 4, multiple=8) == [96, 24, 8]
   assert grow_lib.compaction_sizes(64, 0) == [64]
   assert grow_lib.compaction_sizes(8, 4) == [8]
+
+
+def test_decode_windows():
+  assert grow_lib.decode_windows(128, 32) == [32, 64, 128]
+  assert grow_lib.decode_windows(64, 32) == [32, 64]
+  assert grow_lib.decode_windows(48, 32) == [32, 48]
+  assert grow_lib.decode_windows(32, 32) == [32]
+  assert grow_lib.decode_windows(16, 32) == [16]
+  assert grow_lib.decode_windows(128, 0) == [128]
+
+
+@pytest.mark.parametrize('compact_factor', [0, 2])
+def test_windowed_cache_draws_the_full_cache_candidates(policy, monkeypatch, compact_factor):
+  """Decoding from a short self-attention cache, extended (4 -> 8 -> 16 positions) as the
+  position reaches its length, draws the candidates of a full-length cache: the same tokens,
+  log-probs within 1e-5; the cache was extended, with and without compaction."""
+  enc = DATA.arrays['encoder_input_tokens']
+  extended = []
+  programs = grow_lib._sample_programs
+
+  def counted(*args):  # records the lengths the jitted extend program is called with
+    init, steps, compact, extend = programs(*args)
+    return init, steps, compact, lambda s, n: extended.append(n) or extend(s, n)
+  monkeypatch.setattr(grow_lib, '_sample_programs', counted)
+  run = lambda w: grow_lib.sample_candidates(
+      MODEL, policy[1], enc, np.arange(len(enc)), seed=2, num_decodes=4, temperature=1.0,
+      max_decode_len=16, decode_length_ratio=None, mesh=partitioning.create_mesh(1),
+      batch_size=8, compact_factor=compact_factor, first_window=w)
+  full = run(0)
+  assert not extended
+  assert full['lengths'].max() > 8  # some candidates need the third window
+  got = run(4)
+  assert set(extended) == {8, 16}
+  for k in ('tokens', 'lengths'):
+    np.testing.assert_array_equal(got[k], full[k])
+  for k in ('logprob_sampling', 'logprob_policy'):
+    np.testing.assert_allclose(got[k], full[k], rtol=1e-5, atol=1e-5)
+
+
+def test_extend_decode_cache_pads_self_attention_only():
+  params = MODEL.get_initial_variables(jax.random.PRNGKey(0), SHAPES)['params']
+  cache = MODEL.init_decode_cache(params, DATA.arrays['encoder_input_tokens'][:2], 4)
+  longer = MODEL.extend_decode_cache(cache, 12)
+  layer, layer_longer = cache['decoder']['layers_0'], longer['decoder']['layers_0']
+  assert layer_longer['self_attention']['cached_key'].shape == (2, 2, 12, 16)
+  np.testing.assert_array_equal(layer_longer['self_attention']['cached_value'][:, :, :4],
+                                layer['self_attention']['cached_value'])
+  assert not np.asarray(layer_longer['self_attention']['cached_key'][:, :, 4:]).any()
+  assert (layer_longer['encoder_decoder_attention']['shared_key'].shape
+          == layer['encoder_decoder_attention']['shared_key'].shape)
+  with pytest.raises(ValueError, match='cannot shorten'):
+    MODEL.extend_decode_cache(longer, 8)
+  with pytest.raises(ValueError, match='max_len'):
+    MODEL.extend_decode_cache(cache, 65)

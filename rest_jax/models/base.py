@@ -78,6 +78,12 @@ class PolicyModel(BaseModel):
     contract (per-row leaves are expanded / gathered, 'shared_' and 0-d leaves are not)."""
 
   @abc.abstractmethod
+  def extend_decode_cache(self, cache: PyTree, max_decode_len: int) -> PyTree:
+    """`cache` (from `init_decode_cache`, possibly expanded, compacted or stepped) able to hold
+    `max_decode_len` positions: decoding may start with a short cache, whose per-step attention
+    reads fewer positions, and extend it once `cur_index` reaches its length (Grow does)."""
+
+  @abc.abstractmethod
   def make_tokens_to_logits(self, params: PyTree) -> Callable:
     """The `tokens_to_logits(state) -> (logits [batch, vocab], cache)` callback of the samplers."""
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rest_jax.models import base
-from rest_jax.models.transformer import EOS_ID, PAD_ID, Transformer
+from rest_jax.models.transformer import EOS_ID, PAD_ID, Transformer, _check_length
 
 Array = jax.Array
 PyTree = Any
@@ -241,6 +241,29 @@ class EncoderDecoderModel(base.PolicyModel):
         max_decode_length=max_decode_len, mutable=['cache'],
         method=Transformer.decode)
     return variables['cache']
+
+  def extend_decode_cache(self, cache: PyTree, max_decode_len: int) -> PyTree:
+    """The self-attention K/V buffers ('cached_key' / 'cached_value' [rows, heads, len, kv])
+    zero-padded along `len` to `max_decode_len` positions; every other leaf as it is.
+
+    Positions past the written ones are masked by the attention, so a step over the extended
+    cache computes what it computes over the short one (up to floating-point rounding of the
+    longer reductions): decoding can run its first steps over a short cache, whose attention
+    reads and masks fewer positions, and extend it when `cache_index` reaches its length.
+
+    Raises:
+      ValueError: `max_decode_len` is shorter than the cache, or past `config.max_len`.
+    """
+    _check_length('max_decode', max_decode_len, self.config.max_len)
+
+    def pad(path, x):
+      if getattr(path[-1], 'key', None) not in ('cached_key', 'cached_value'):
+        return x
+      if x.shape[2] > max_decode_len:
+        raise ValueError(f'cannot shorten a decoding cache of {x.shape[2]} positions to '
+                         f'{max_decode_len}')
+      return jnp.pad(x, ((0, 0), (0, 0), (0, max_decode_len - x.shape[2]), (0, 0)))
+    return jax.tree_util.tree_map_with_path(pad, cache)
 
   def decode_step(self, params: PyTree, cache: PyTree, tokens: Array
                   ) -> tuple[Array, PyTree]:
