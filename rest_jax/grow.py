@@ -94,7 +94,7 @@ def _sample_programs(model, num_decodes, temperature, topk, topp, max_decode_len
 
   return (jax.jit(init), jax.jit(steps, donate_argnums=1),
           jax.jit(decoding.compact_sample_state, static_argnums=2),
-          jax.jit(extend, static_argnums=1, donate_argnums=0))
+          jax.jit(extend, static_argnums=1))
 
 
 def compaction_sizes(rows: int, factor: int, min_rows: int = MIN_COMPACT_ROWS,
