@@ -134,6 +134,27 @@ def brevity_penalty(alpha: float, length) -> jnp.ndarray:
   return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
 
 
+FIRST_WINDOW = 32  # sampling starts with a self-attention cache of this many positions
+
+
+def cache_windows(max_decode_len: int, first_window: int = FIRST_WINDOW) -> list[int]:
+  """The cache lengths a sampling loop decodes through: first_window, twice that, ...,
+  max_decode_len (the last one); [max_decode_len] alone for first_window 0 or >= it.
+
+  Our choice, for speed: a step's attention reads and masks its whole self-attention cache, so a
+  step costs what its cache length costs whatever the position (on 2 cores a `tiny` step over
+  256 rows took 15 ms with 32 positions, 25 ms with 64; benchmarks/README.md). The peers grow
+  their caches one position a step (HF's DynamicCache, CTranslate2); doubling keeps the shapes
+  static, one compilation per window.
+  """
+  windows = [max_decode_len]
+  if 0 < first_window < max_decode_len:
+    windows = [first_window]
+    while windows[-1] < max_decode_len:
+      windows.append(min(2 * windows[-1], max_decode_len))
+  return windows
+
+
 # ----------------------------------------------------------------------------
 # Temperature sampling.
 # ----------------------------------------------------------------------------
@@ -306,7 +327,8 @@ def sample_output(state: SampleState, batch_size: int, num_decodes: int) -> Samp
 def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
                        batch_size: int, max_decode_len: int, eos_id: int,
                        rng, num_decodes: int = 1, temperature=1.0,
-                       topk: int = 0, topp: float = 0.0, active=None) -> SampleOutput:
+                       topk: int = 0, topp: float = 0.0, active=None,
+                       windows=None, extend_cache=None) -> SampleOutput:
   """Samples ``num_decodes`` continuations per source (ancestral sampling).
 
   Args:
@@ -332,6 +354,14 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
       inactive source (a batch's padding) start ended: they emit nothing (PAD,
       length 0, log-prob 0) and never keep the loop running, so a padded batch
       stops when its real rows do. Active rows are unaffected.
+    windows: optional increasing cache lengths ending at L (:func:`cache_windows`): `cache`
+      then holds ``windows[0]`` positions, the loop runs until the position reaches it, and
+      ``extend_cache(cache, windows[k + 1])`` makes room for the next ones; the same loop over a
+      cache of L positions draws the same tokens, up to floating-point rounding of the longer
+      attention reductions (every step reads and masks the whole cache, so the short ones are
+      cheaper). None: the cache holds L positions.
+    extend_cache: ``(cache, length) -> cache`` (``PolicyModel.extend_decode_cache``), needed
+      with more than one window.
 
   Returns:
     :class:`SampleOutput` with [B, N, L] tokens / per-token log-probs and
@@ -340,27 +370,37 @@ def temperature_sample(cache: Any, tokens_to_logits: TokensToLogits, *,
 
   Raises:
     ValueError: per-source keys whose leading dim is not B; an rng of another shape; no rng
-      for a non-greedy temperature.
+      for a non-greedy temperature; windows that do not end at L, or several without
+      extend_cache.
   """
+  windows = list(windows or [max_decode_len])
+  if windows[-1] != max_decode_len or (len(windows) > 1 and extend_cache is None):
+    raise ValueError(f'windows {windows} must end at max_decode_len={max_decode_len} '
+                     '(and more than one needs extend_cache)')
   greedy = _greedy_temperature(temperature)
   state = init_sample_state(cache, batch_size=batch_size, max_decode_len=max_decode_len,
                             rng=None if greedy else rng, num_decodes=num_decodes,
                             active=active)
-  state = sample_steps(state, tokens_to_logits, eos_id=eos_id, temperature=temperature,
-                       topk=topk, topp=topp, rng=None if greedy else rng)
+  for k, window in enumerate(windows):
+    if k:
+      state = state.replace(cache=extend_cache(state.cache, window))
+    state = sample_steps(state, tokens_to_logits, eos_id=eos_id, temperature=temperature,
+                         topk=topk, topp=topp, rng=None if greedy else rng,
+                         stop_index=window if len(windows) > 1 else None)
   return sample_output(state, batch_size, num_decodes)
 
 
 def greedy_decode(cache: Any, tokens_to_logits: TokensToLogits, *,
                   batch_size: int, max_decode_len: int,
-                  eos_id: int, active=None) -> SampleOutput:
+                  eos_id: int, active=None, windows=None, extend_cache=None) -> SampleOutput:
   """Argmax decoding (num_decodes = 1). ``token_logprobs`` are 0 (the greedy
   distribution is a point mass); ``token_logprobs_policy`` are the model's.
-  ``active``: as in :func:`temperature_sample`."""
+  ``active``, ``windows``, ``extend_cache``: as in :func:`temperature_sample`."""
   return temperature_sample(
       cache, tokens_to_logits, batch_size=batch_size,
       max_decode_len=max_decode_len, eos_id=eos_id,
-      rng=None, num_decodes=1, temperature=0.0, active=active)
+      rng=None, num_decodes=1, temperature=0.0, active=active, windows=windows,
+      extend_cache=extend_cache)
 
 
 # ----------------------------------------------------------------------------
@@ -503,17 +543,24 @@ def beam_search(cache: Any, tokens_to_logits: TokensToLogits, *,
 # padding must not keep decoding running) and returns (tokens [batch, num_decodes, max_decode_len] int32,
 # aux dict of arrays; 'logprobs' [batch, num_decodes] f32 in nats under the untempered policy and
 # 'lengths' [batch, num_decodes] int32 at least). Register your own with `register_decode_fn`.
+# A method registered `windowed=True` is given a cache of `windows[0]` positions and the
+# keyword arguments `windows` and `extend_cache` (see `temperature_sample`); any other method
+# gets a cache of max_decode_len positions.
 
 DecodeFn = Callable[..., Tuple[jnp.ndarray, dict]]
 DECODE_FNS: dict[str, DecodeFn] = {}
+WINDOWED_FNS: set[str] = set()
 
 
-def register_decode_fn(name: str) -> Callable[[DecodeFn], DecodeFn]:
-  """Decorator: registers a decoding method under `name` (raises ValueError if taken)."""
+def register_decode_fn(name: str, windowed: bool = False) -> Callable[[DecodeFn], DecodeFn]:
+  """Decorator: registers a decoding method under `name` (raises ValueError if taken);
+  `windowed`: it decodes over a cache extended window by window (registry comment above)."""
   def wrap(fn: DecodeFn) -> DecodeFn:
     if name in DECODE_FNS:
       raise ValueError(f'decoding method {name!r} is already registered')
     DECODE_FNS[name] = fn
+    if windowed:
+      WINDOWED_FNS.add(name)
     return fn
   return wrap
 
@@ -535,21 +582,23 @@ def _sample_aux(out: SampleOutput) -> dict:
           'token_logprobs_policy': out.token_logprobs_policy, 'lengths': out.lengths}
 
 
-@register_decode_fn('greedy')
+@register_decode_fn('greedy', windowed=True)
 def _greedy(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
-            active=None, **unused):
+            active=None, windows=None, extend_cache=None, **unused):
   """Argmax decoding (`greedy_decode`); one decode per source."""
   del unused
   if num_decodes != 1:
     raise ValueError('greedy decoding needs num_decodes == 1.')
   out = greedy_decode(cache, tokens_to_logits, batch_size=batch_size,
-                      max_decode_len=max_decode_len, eos_id=eos_id, active=active)
+                      max_decode_len=max_decode_len, eos_id=eos_id, active=active,
+                      windows=windows, extend_cache=extend_cache)
   return out.tokens, _sample_aux(out)
 
 
-@register_decode_fn('sample')
+@register_decode_fn('sample', windowed=True)
 def _sample(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_decodes=1,
-            rng=None, temperature=1.0, topk=0, topp=0.0, active=None, **unused):
+            rng=None, temperature=1.0, topk=0, topp=0.0, active=None, windows=None,
+            extend_cache=None, **unused):
   """`temperature_sample`: num_decodes samples per source (temperature / top-k / top-p)."""
   del unused
   if rng is None:
@@ -557,7 +606,7 @@ def _sample(cache, tokens_to_logits, *, batch_size, max_decode_len, eos_id, num_
   out = temperature_sample(cache, tokens_to_logits, batch_size=batch_size,
                            max_decode_len=max_decode_len, eos_id=eos_id, rng=rng,
                            num_decodes=num_decodes, temperature=temperature, topk=topk, topp=topp,
-                           active=active)
+                           active=active, windows=windows, extend_cache=extend_cache)
   return out.tokens, _sample_aux(out)
 
 

@@ -68,7 +68,7 @@ class GrowInterrupted(RuntimeError):
 
 COMPACT_FACTOR = 4  # a batch's rows shrink by this factor as they finish (0: never)
 MIN_COMPACT_ROWS = 8  # ... down to this many rows (rounded up to the mesh's data axis)
-FIRST_WINDOW = 32  # decoding starts with a self-attention cache of this many positions (0: all)
+FIRST_WINDOW = decoding.FIRST_WINDOW  # a batch's first cache length (decoding.cache_windows)
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,21 +111,6 @@ def compaction_sizes(rows: int, factor: int, min_rows: int = MIN_COMPACT_ROWS,
     if nxt < max(min_rows, multiple) or nxt >= sizes[-1]:
       return sizes
     sizes.append(nxt)
-
-
-def decode_windows(max_decode_len: int, first_window: int) -> list[int]:
-  """The self-attention cache lengths a batch decodes through: first_window, twice that, ...,
-  max_decode_len (the last one); [max_decode_len] alone for first_window 0 or >= it. Our
-  choice: a step's attention reads and masks its whole cache, so a step at position i costs
-  what its cache length costs (on 2 cores a `tiny` step over 256 rows: 15 ms with 32
-  positions, 25 ms with 64; benchmarks/README.md); doubling bounds the compilations at one
-  per window, row count and length bucket."""
-  windows = [max_decode_len]
-  if 0 < first_window < max_decode_len:
-    windows = [first_window]
-    while windows[-1] < max_decode_len:
-      windows.append(min(2 * windows[-1], max_decode_len))
-  return windows
 
 
 def _sample_batch(programs, params, enc, source_index, key, *, num_decodes: int,
@@ -242,7 +227,7 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       rows until its longest candidate ends. The tokens do not depend on it (each row draws from
       its own key), up to floating-point rounding of batch-size-dependent kernels.
     first_window: decoding starts with a self-attention cache of this many positions and
-      doubles it whenever the decoded position reaches its length (`decode_windows`; 0: the
+      doubles it whenever the decoded position reaches its length (`decoding.cache_windows`; 0: the
       full length from the start), so that the first steps do not read and mask the positions
       of the longest candidate; the tokens do not depend on it, up to floating-point rounding
       of length-dependent kernels. Only for a `PolicyModel` (`extend_decode_cache`).
@@ -267,7 +252,7 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
 
   def step(buckets, batch):
     steps = data_lib.decode_length(buckets[0], L, decode_length_ratio)
-    windows = decode_windows(steps, first)
+    windows = decoding.cache_windows(steps, first)
     programs = _sample_programs(model, N, float(temperature), int(topk), float(topp), steps,
                                 windows[0])
     return _sample_batch(programs, params, batch['encoder_input_tokens'], batch['source_index'],

@@ -283,15 +283,6 @@ def test_compaction_sizes():
   assert grow_lib.compaction_sizes(8, 4) == [8]
 
 
-def test_decode_windows():
-  assert grow_lib.decode_windows(128, 32) == [32, 64, 128]
-  assert grow_lib.decode_windows(64, 32) == [32, 64]
-  assert grow_lib.decode_windows(48, 32) == [32, 48]
-  assert grow_lib.decode_windows(32, 32) == [32]
-  assert grow_lib.decode_windows(16, 32) == [16]
-  assert grow_lib.decode_windows(128, 0) == [128]
-
-
 @pytest.mark.parametrize('compact_factor', [0, 2])
 def test_windowed_cache_draws_the_full_cache_candidates(policy, monkeypatch, compact_factor):
   """Decoding from a short self-attention cache, extended (4 -> 8 -> 16 positions) as the

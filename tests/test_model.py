@@ -350,6 +350,36 @@ def test_shared_cross_attention_cache_equals_the_tiled_one(monkeypatch):
   assert len({tuple(np.asarray(t)) for t in shared[0][0].reshape(12, 6)}) > 4  # Real samples.
 
 
+def test_windowed_sampling_and_greedy_match_a_full_cache(monkeypatch):
+  """predict_batch's 'sample' and 'greedy' over a cache of 2 positions extended to 4 and 6
+  (decoding.cache_windows) give the tokens of a 6-position cache, log-probs within 1e-5;
+  beam search, not registered windowed, gets the full cache."""
+  from rest_jax import decoding
+  batch = make_batch(8)
+  lengths = []
+  extend = MODEL.extend_decode_cache
+  monkeypatch.setattr(MODEL, 'extend_decode_cache',
+                      lambda cache, n: lengths.append(n) or extend(cache, n))
+  for method, n, rng in (('sample', 3, jax.random.PRNGKey(5)), ('greedy', 1, None),
+                         ('beam', 2, None)):
+    lengths.clear()
+    run = lambda w: MODEL.predict_batch(PARAMS, batch, rng, method=method, num_decodes=n,
+                                        temperature=1.5, max_decode_len=6, first_window=w)
+    full, windowed = run(0), run(2)
+    assert lengths == ([] if method == 'beam' else [4, 6])
+    np.testing.assert_array_equal(windowed[0], full[0])
+    np.testing.assert_allclose(windowed[1]['logprobs'], full[1]['logprobs'], atol=1e-5)
+  assert decoding.cache_windows(128) == [32, 64, 128]
+  assert decoding.cache_windows(48, 32) == [32, 48]
+  assert decoding.cache_windows(16, 32) == [16]
+  assert decoding.cache_windows(128, 0) == [128]
+  cache = MODEL.init_decode_cache(PARAMS, batch['encoder_input_tokens'], 2)
+  with pytest.raises(ValueError, match='must end at max_decode_len=6'):
+    decoding.temperature_sample(cache, MODEL.make_tokens_to_logits(PARAMS), batch_size=4,
+                                max_decode_len=6, eos_id=1, rng=jax.random.PRNGKey(0),
+                                windows=[2, 4])
+
+
 def test_bfloat16_compute():
   model = EncoderDecoderModel(Transformer(dataclasses.replace(TINY, dtype=jnp.bfloat16)))
   batch = make_batch(9)

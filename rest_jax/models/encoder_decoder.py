@@ -286,8 +286,8 @@ class EncoderDecoderModel(base.PolicyModel):
   def predict_batch(self, params: PyTree, batch: Batch, rng: Optional[Array] = None,
                     *, method: str = 'greedy', num_decodes: int = 1,
                     temperature: float = 1.0, topk: int = 0, topp: float = 0.0,
-                    max_decode_len: Optional[int] = None, beam_alpha: float = 0.6
-                    ) -> tuple[Array, dict[str, Array]]:
+                    max_decode_len: Optional[int] = None, beam_alpha: float = 0.6,
+                    first_window: Optional[int] = None) -> tuple[Array, dict[str, Array]]:
     """Decodes ``num_decodes`` outputs per source with a registered decoding method.
 
     Args:
@@ -300,6 +300,11 @@ class EncoderDecoderModel(base.PolicyModel):
         'sample' (temperature / top-k / top-p sampling), 'beam' (beam search with beam
         size num_decodes and the GNMT length penalty alpha=beam_alpha), or one a user
         registered with ``decoding.register_decode_fn``.
+      first_window: a method registered ``windowed`` ('greedy', 'sample') starts with a
+        self-attention cache of this many positions and doubles it as the position reaches
+        its length (``decoding.cache_windows``; None: ``decoding.FIRST_WINDOW``, 0: the full
+        length from the start); the tokens are those of a full-length cache, up to
+        floating-point rounding.
     Returns:
       tokens [batch, num_decodes, max_decode_len] int32 (EOS kept, 0 after), and
       aux with 'logprobs' [batch, num_decodes] f32: log-likelihood in nats under
@@ -320,11 +325,18 @@ class EncoderDecoderModel(base.PolicyModel):
       if ref is None:
         raise ValueError('max_decode_len is required without decoder tokens.')
       max_decode_len = ref.shape[1]
-    cache = self.init_decode_cache(params, enc, max_decode_len)
+    windows = [max_decode_len]
+    if method in decoding.WINDOWED_FNS:
+      windows = decoding.cache_windows(
+          max_decode_len, decoding.FIRST_WINDOW if first_window is None else first_window)
+    cache = self.init_decode_cache(params, enc, windows[0])
     # An all-PAD source is a batch's padding (a real one ends in EOS): it must not keep the
     # decoding loop running.
     active = jnp.any(enc != PAD_ID, axis=-1)
+    extra = {}
+    if method in decoding.WINDOWED_FNS:
+      extra = dict(windows=windows, extend_cache=self.extend_decode_cache)
     return fn(cache, self.make_tokens_to_logits(params), batch_size=enc.shape[0],
               max_decode_len=max_decode_len, eos_id=EOS_ID, num_decodes=num_decodes, rng=rng,
               temperature=temperature, topk=topk, topp=topp, beam_alpha=beam_alpha,
-              active=active)
+              active=active, **extra)

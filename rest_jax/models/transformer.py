@@ -31,7 +31,10 @@ Incremental decoding (``decode=True``), t5x style, in the flax ``'cache'`` colle
       'shared_encoder_mask': [sources, src_len] bool, source tokens != PAD,
       'layers_i': {
           'self_attention':          {'cached_key', 'cached_value'}:
-                                     [rows, heads, max_decode_len, kv] (dtype),
+                                     [rows, heads, cache_len, kv] (dtype); cache_len is the
+                                     max_decode_len of the cache-creating call, and
+                                     ``EncoderDecoderModel.extend_decode_cache`` lengthens it
+                                     (decoding may start short: ``decoding.cache_windows``),
           'encoder_decoder_attention': {'shared_key', 'shared_value'}:
                                      [sources, heads, src_len, kv] (dtype),
       }}}
@@ -332,7 +335,8 @@ class MultiHeadAttention(nn.Module):
       deterministic: disables attention dropout.
       decode: incremental decoding with the 'cache' collection.
       decode_index: [] int32, position of the current token, shared by all rows (decode
-        mode).
+        mode); below the cache's length (a write past it would be clamped by
+        `dynamic_update_slice`: the samplers stop at the length, `decoding.sample_steps`).
       max_decode_length: self-attention cache length when the cache is created
         (default q_len).
     Returns:
