@@ -8,8 +8,7 @@ The work (all three sides, the same random source batch, random-init models of t
 32 sources x 32 source tokens, 8 candidates each (temperature 0.8, no top-k / top-p), exactly 64
 new tokens per candidate (EOS can't end a sample early), i.e. 32 x 8 x 64 = 16,384 generated
 target tokens per run. tokens/s = 16,384 / median seconds of `--repeats` (>= 3) timed runs, after
-`--warmup` untimed runs (compilation, caches); the sides take turns, one timed run each a round.
-The counts are checked against the outputs.
+`--warmup` untimed runs (compilation, caches). The counts are checked against the outputs.
 
   * rest-jax: `jax.jit` of `EncoderDecoderModel.predict_batch(method='sample', num_decodes=8,
     temperature=0.8, max_decode_len=64)`, float32, 1 device (encoder + cache set-up + the
@@ -40,10 +39,8 @@ import argparse
 import contextlib
 import functools
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,32 +254,27 @@ def main(argv=None) -> dict:
       os.path.join(model_dir, 'config.json')):
     common.marian_dir(args.arch, model_dir)
 
-  # The sides take turns, one timed run each per round (the machine's speed drifts over
-  # minutes on a shared host; taking turns exposes every side to the same drift).
-  makers = {'rest_jax': lambda: RestJaxSide(args.arch, src, args),
-            'hf': lambda: HFSide(model_dir, src, args),
-            'ct2': lambda: CT2Side(model_dir, src, args)}
-  objs = {name: makers[name]() for name in sides}
-  counts = {name: [] for name in sides}
-  times = {name: [] for name in sides}
-  for name in sides:
-    for _ in range(args.warmup):
-      objs[name].run()
-  for _ in range(args.repeats):
-    for name in sides:
-      t0 = time.perf_counter()
-      counts[name].append(objs[name].run())
-      times[name].append(time.perf_counter() - t0)
   results: dict[str, dict] = {}
+  profile = None
   for name in sides:
-    if any(c != expected for c in counts[name]):
-      raise RuntimeError(f'{name}: generated {counts[name]} tokens per run, expected {expected}')
-    sec = statistics.median(times[name])
-    results[name] = {'seconds_per_run': sec, 'repeats_seconds': times[name],
-                     'tokens_per_run': expected, 'tokens_per_s': expected / sec}
-    print(f'  {name}: {sec:.2f} s/run, {expected / sec:,.0f} tok/s', flush=True)
-  profile = objs['rest_jax'].profile() if 'rest_jax' in objs and args.profile else None
-  del objs
+    if name == 'rest_jax':
+      side = RestJaxSide(args.arch, src, args)
+    elif name == 'hf':
+      side = HFSide(model_dir, src, args)
+    else:
+      side = CT2Side(model_dir, src, args)
+    counts = []
+    run = lambda: counts.append(side.run())  # noqa: E731
+    t = common.median_time(run, warmup=args.warmup, repeats=args.repeats)
+    if any(c != expected for c in counts):
+      raise RuntimeError(f'{name}: generated {counts} tokens per run, expected {expected}')
+    results[name] = {'seconds_per_run': t['seconds'], 'repeats_seconds': t['repeats'],
+                     'tokens_per_run': expected, 'tokens_per_s': expected / t['seconds']}
+    print(f'  {name}: {t["seconds"]:.2f} s/run, {expected / t["seconds"]:,.0f} tok/s',
+          flush=True)
+    if name == 'rest_jax' and args.profile:
+      profile = side.profile()
+    del side
   if tmp is not None:
     tmp.cleanup()
 
