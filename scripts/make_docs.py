@@ -173,7 +173,8 @@ def throughput() -> str:
     b = _load(real)
     rows.append([f"`grow_real.py`: `rest-jax grow`'s sampling, {b['num_sources']:,} real train "
                  'sources, EOS on (generated tok/s)', f"{b['real_tokens_per_s']:,.0f}",
-                 f"the synthetic `tiny` Grow {b['synthetic_tokens_per_s']:,.0f} (same run)",
+                 f"the synthetic `tiny` Grow {b['synthetic_tokens_per_s']:,.0f} (same run, "
+                 f"{len(b.get('rounds', [1]))} alternating rounds)",
                  f"{b['ratio']:.2f}x", b['timestamp'][:10]])
   return _table(['benchmark', 'rest-jax', 'peer(s)', 'ratio', 'measured'], rows, right_from=1)
 
