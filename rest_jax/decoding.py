@@ -142,10 +142,10 @@ def cache_windows(max_decode_len: int, first_window: int = FIRST_WINDOW) -> list
   max_decode_len (the last one); [max_decode_len] alone for first_window 0 or >= it.
 
   Our choice, for speed: a step's attention reads and masks its whole self-attention cache, so a
-  step costs what its cache length costs whatever the position (on 2 cores a `tiny` step over
-  256 rows took 15 ms with 32 positions, 25 ms with 64; benchmarks/README.md). The peers grow
-  their caches one position a step (HF's DynamicCache, CTranslate2); doubling keeps the shapes
-  static, one compilation per window.
+  step costs what its cache length costs whatever the position (the 2,000-source benchmark Grow
+  sampled in about 30 s with windows against 32-38 s without: benchmarks/README.md). The peers
+  grow their caches one position a step (HF's DynamicCache, CTranslate2); doubling keeps the
+  shapes static, one compilation per window.
   """
   windows = [max_decode_len]
   if 0 < first_window < max_decode_len:

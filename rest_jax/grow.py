@@ -227,10 +227,10 @@ def sample_candidates(model, params, encoder_input_tokens: np.ndarray,
       rows until its longest candidate ends. The tokens do not depend on it (each row draws from
       its own key), up to floating-point rounding of batch-size-dependent kernels.
     first_window: decoding starts with a self-attention cache of this many positions and
-      doubles it whenever the decoded position reaches its length (`decoding.cache_windows`; 0: the
-      full length from the start), so that the first steps do not read and mask the positions
-      of the longest candidate; the tokens do not depend on it, up to floating-point rounding
-      of length-dependent kernels. Only for a `PolicyModel` (`extend_decode_cache`).
+      doubles it whenever the decoded position reaches its length (`decoding.cache_windows`;
+      0: the full length from the start), so that the first steps do not read and mask the
+      positions of the longest candidate; the tokens do not depend on it, up to floating-point
+      rounding of length-dependent kernels. Only for a `PolicyModel` (`extend_decode_cache`).
 
   Returns:
     dict of numpy arrays: 'tokens' [n, N, L] int32 (EOS kept, 0 after), 'logprob_sampling'
