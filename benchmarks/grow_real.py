@@ -11,17 +11,18 @@
    at T = 0.8, EOS on, `--batch-size` sources per batch, length buckets 16/32/64/128 and
    `decode_length_ratio` 2 as in the main job. It runs in one process into fresh directories:
    the first run compiles the samplers (one per length bucket, row count and cache window:
-   `cold`), the later ones reuse them (`warm`: the steady state of a long Grow). Figures from each run's `manifest.json`:
-   `sampled_tokens_per_second` = non-PAD generated tokens (EOS included) / sampling seconds;
-   reference scoring and record building + writing seconds beside it.
+   `cold`), the later ones reuse them (`warm`: the steady state of a long Grow). Figures from
+   each run's `manifest.json`: `sampled_tokens_per_second` = non-PAD generated tokens (EOS
+   included) / sampling seconds; reference scoring and record building + writing seconds beside
+   it.
 
 The synthetic and the warm real runs alternate, `--rounds` times (on a shared 2-core machine the
 speed drifts by tens of percent over minutes; alternating exposes both to the same drift):
 `ratio` = warm real sampled tok/s / synthetic tok/s of the round whose ratio is the median
-(issue 16's goal: >= 0.8); every round is in the JSON's `rounds`. The synthetic benchmark runs every row for 64 steps; a real
-batch runs until its longest sample ends (or its bucket's length bound), so rows that finished
-early cost steps they do not fill. The machine must be otherwise idle (see
-benchmarks/README.md).
+(issue 16's goal: >= 0.8); every round is in the JSON's `rounds`. The synthetic benchmark runs
+every row for 64 steps; a real batch runs until its longest sample ends (or its bucket's length
+bound), so rows that finished early cost steps they do not fill. The machine must be otherwise
+idle (see benchmarks/README.md).
 """
 
 from __future__ import annotations
