@@ -325,17 +325,15 @@ class EncoderDecoderModel(base.PolicyModel):
       if ref is None:
         raise ValueError('max_decode_len is required without decoder tokens.')
       max_decode_len = ref.shape[1]
-    windows = [max_decode_len]
+    windows, extra = [max_decode_len], {}
     if method in decoding.WINDOWED_FNS:
       windows = decoding.cache_windows(
           max_decode_len, decoding.FIRST_WINDOW if first_window is None else first_window)
+      extra = dict(windows=windows, extend_cache=self.extend_decode_cache)
     cache = self.init_decode_cache(params, enc, windows[0])
     # An all-PAD source is a batch's padding (a real one ends in EOS): it must not keep the
     # decoding loop running.
     active = jnp.any(enc != PAD_ID, axis=-1)
-    extra = {}
-    if method in decoding.WINDOWED_FNS:
-      extra = dict(windows=windows, extend_cache=self.extend_decode_cache)
     return fn(cache, self.make_tokens_to_logits(params), batch_size=enc.shape[0],
               max_decode_len=max_decode_len, eos_id=EOS_ID, num_decodes=num_decodes, rng=rng,
               temperature=temperature, topk=topk, topp=topp, beam_alpha=beam_alpha,
