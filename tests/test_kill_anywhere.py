@@ -42,7 +42,8 @@ EM_PARTS = {'e-step': r'estep_1/grow-00001',  # Inside the second chunk, the fir
 
 
 def _subprocess_loop(workdir, log, kill=None, command='rest', args=ARGS):
-  env = dict(os.environ, PYTHONPATH=ROOT, REST_JAX_WRITE_LOG=log)
+  env = dict(os.environ, PYTHONPATH=ROOT, REST_JAX_WRITE_LOG=log,
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
   env.pop('REST_JAX_KILL_AT_WRITE', None)
   if kill:
     env['REST_JAX_KILL_AT_WRITE'] = kill

@@ -25,8 +25,13 @@ def test_committed_without_outputs():
   assert 'install = False' in ''.join(code[0]['source'])
 
 
-def test_quickstart_runs_a_tiny_loop(tmp_path):
+def test_quickstart_runs_a_tiny_loop(tmp_path, monkeypatch):
+  import jax
   import papermill
+  # The kernel shares this session's XLA cache (conftest.py): the tiny loop compiles what
+  # tests/test_rest.py's tiny loop compiles.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
   out = tmp_path / 'quickstart.out.ipynb'
   workdir = tmp_path / 'work'
   papermill.execute_notebook(NOTEBOOK, str(out), parameters={'workdir': str(workdir)},
