@@ -475,7 +475,8 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
     FileNotFoundError: no checkpoint under `checkpoint_dir`.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
-  best_dir = os.path.join(checkpoint_dir, 'best')
+  root = fileio.abspath(checkpoint_dir)  # orbax refuses relative paths (as in `Checkpointer`).
+  best_dir = os.path.join(root, 'best')
   if fileio.isdir(best_dir):
     mngr = ocp.CheckpointManager(best_dir)
     step = mngr.latest_step()
@@ -491,7 +492,7 @@ def restore_params(checkpoint_dir: str, target_params: Any) -> Any:
             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); it is damaged: '
             f'delete {checkpoint_dir} and rerun the stage that wrote it '
             f'({os.path.basename(os.path.normpath(checkpoint_dir))})') from e
-  mngr = ocp.CheckpointManager(os.path.join(checkpoint_dir, 'checkpoints'))
+  mngr = ocp.CheckpointManager(os.path.join(root, 'checkpoints'))
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {checkpoint_dir}')

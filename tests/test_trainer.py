@@ -110,7 +110,7 @@ def test_microbatches_average_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, outs[0][1])
 
 
-def test_best_checkpoint_and_restore_params(tmp_path):
+def test_best_checkpoint_and_restore_params(tmp_path, monkeypatch):
   mesh = partitioning.create_mesh(1)
   t = new_trainer(mesh)
   state = t.init_state(SHAPES)
@@ -123,6 +123,11 @@ def test_best_checkpoint_and_restore_params(tmp_path):
     saved[bleu] = jax.device_get(state.params)
   assert ckpt.best_metrics()['dev_bleu'] == 7.0
   params = trainer_lib.restore_params(str(tmp_path), t.abstract_state(SHAPES).params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[7.0])
+  # A relative run dir (the CLI's default --workdir=workdir) restores too: orbax wants absolute
+  # paths.
+  monkeypatch.chdir(tmp_path.parent)
+  params = trainer_lib.restore_params(tmp_path.name, t.abstract_state(SHAPES).params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[7.0])
 
 
